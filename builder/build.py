@@ -1,0 +1,202 @@
+"""Build the artifact: scan a BraTS folder once, read each case in parallel, stream rows into one HDF5 file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from joblib import Parallel, delayed, parallel_config
+from tqdm.auto import tqdm
+
+from builder import __version__
+from builder.extract import CaseHeaders, CaseRows, Skipped, SliceRule, read_case_headers, read_case_rows
+from builder.format import FORMAT_VERSION, MODALITIES
+from builder.layout import Case, find_cases
+from builder.split import split_cases, split_rows
+from builder.writer import COMPRESSION_NAME, ArtifactWriter
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BuildError(Exception):
+    """A build that cannot produce a valid artifact; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    jobs: int = -1
+    seed: int = 0
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    rule: SliceRule = field(default_factory=SliceRule)
+    strict: bool = False
+    backend: str = "loky"
+    scheduler: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    out: Path
+    cases_scanned: int
+    cases_written: int
+    rows: int
+    split_rows: dict[str, int]
+    skipped: list[Skipped]
+    seconds: float
+
+
+@contextmanager
+def parallel_backend(backend: str, jobs: int, scheduler: str | None) -> Iterator[None]:
+    """joblib's loky processes by default; a Dask cluster (``scheduler`` address, or a local one) on request."""
+    if backend == "loky":
+        with parallel_config(backend="loky", n_jobs=jobs):
+            yield
+        return
+    if backend != "dask":
+        raise BuildError(f"unknown backend {backend!r}; use loky or dask")
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise BuildError("--backend dask needs the 'distributed' package: pip install 'brats2d[dask]'") from None
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=30)
+        except OSError as error:
+            raise BuildError(f"cannot reach the Dask scheduler at {scheduler}: {error}") from None
+    else:
+        workers = jobs if jobs > 0 else None
+        client = Client(LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None))
+    try:
+        with parallel_config(backend="dask", n_jobs=-1):
+            yield
+    finally:
+        client.close()
+
+
+def _map(function: Callable[..., R], items: Iterable[T], total: int, desc: str, progress: bool, *args: object) -> Iterator[R]:
+    """Apply ``function`` to each item in the active joblib backend; results arrive in order, as they finish."""
+    run = Parallel(return_as="generator", batch_size=1, pre_dispatch="2*n_jobs")
+    results = run(delayed(function)(item, *args) for item in items)
+    yield from tqdm(results, total=total, desc=desc, unit="case", disable=not progress, dynamic_ncols=True)
+
+
+def _plan(headers: list[CaseHeaders]) -> tuple[tuple[int, int], dict[str, str]]:
+    """Slice shape (the most common one) and stored dtype per modality (shared dtype, else float32)."""
+    slice_shape = Counter(h.shape[:2] for h in headers).most_common(1)[0][0]
+    dtypes = {}
+    for modality in MODALITIES:
+        seen = {h.value_dtypes[modality] for h in headers}
+        dtypes[modality] = seen.pop() if len(seen) == 1 else np.dtype(np.float32).str
+    return slice_shape, dtypes
+
+
+def _split_attrs(options: BuildOptions) -> dict[str, float]:
+    return {
+        "train": round(1 - options.val_fraction - options.test_fraction, 6),
+        "val": options.val_fraction,
+        "test": options.test_fraction,
+    }
+
+
+def build(source: Path, out: Path, options: BuildOptions = BuildOptions()) -> BuildSummary:
+    """Build ``out`` from the cases under ``source``. Raises BuildError with a one-line message."""
+    started = time.perf_counter()
+    if not source.is_dir():
+        raise BuildError(f"{source}: no such folder (point SOURCE at the folder holding the BraTS case folders)")
+    if out.is_dir():
+        raise BuildError(f"{out}: is a folder; give a file name such as {out / 'brats2023.h5'}")
+    try:
+        cases = find_cases(source)
+    except ValueError as error:
+        raise BuildError(str(error)) from None
+    if not cases:
+        raise BuildError(
+            f"{source}: no BraTS case folders found (expected folders like BraTS-GLI-00000-000/ holding "
+            "BraTS-GLI-00000-000-t1n.nii.gz ... -seg.nii.gz, or BraTS2021_00000/ with _t1 ... _seg files)"
+        )
+    try:
+        writer = ArtifactWriter(out)
+    except OSError as error:
+        raise BuildError(f"{out}: cannot write here ({error.strerror or error}); choose another OUT path") from None
+    with writer, parallel_backend(options.backend, options.jobs, options.scheduler):
+        return _build_into(writer, source, cases, options, started)
+
+
+def _check_strict(options: BuildOptions, skipped: list[Skipped]) -> None:
+    if options.strict and skipped:
+        first = skipped[0]
+        raise BuildError(f"--strict: case {first.case_id} skipped: {first.reason}")
+
+
+def _build_into(
+    writer: ArtifactWriter, source: Path, cases: list[Case], options: BuildOptions, started: float
+) -> BuildSummary:
+    skipped: list[Skipped] = []
+    headers: list[CaseHeaders] = []
+    for result in _map(read_case_headers, cases, len(cases), "headers", options.progress):
+        (skipped if isinstance(result, Skipped) else headers).append(result)
+    _check_strict(options, skipped)
+    if not headers:
+        raise BuildError(f"{source}: no valid case among {len(cases)} (first problem: {skipped[0].reason})")
+    slice_shape, dtypes = _plan(headers)
+    readable = {h.case_id for h in headers if h.shape[:2] == slice_shape}
+    skipped += [
+        Skipped(h.case_id, f"slice shape {h.shape[:2]} differs from the dataset's {slice_shape}")
+        for h in headers
+        if h.case_id not in readable
+    ]
+    todo = [case for case in cases if case.case_id in readable]
+    writer.create(slice_shape, dtypes)
+    for result in _map(read_case_rows, todo, len(todo), "slices", options.progress, options.rule, dtypes):
+        if isinstance(result, CaseRows):
+            writer.append(result)
+        else:
+            skipped.append(result)
+            _check_strict(options, skipped)
+    written = sorted(set(writer.case_ids))
+    if not written:
+        raise BuildError(f"{source}: no valid case among {len(cases)} (first problem: {skipped[0].reason})")
+    try:
+        case_split = split_cases(written, options.seed, options.val_fraction, options.test_fraction)
+    except ValueError as error:
+        raise BuildError(str(error)) from None
+    splits = split_rows(writer.case_ids, case_split)
+    skipped.sort(key=lambda s: s.case_id)
+    writer.finish(
+        splits,
+        {
+            "format_version": FORMAT_VERSION,
+            "modalities": list(MODALITIES),
+            "builder_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "seed": options.seed,
+            "split_fractions": _split_attrs(options),
+            "slice_rule": options.rule.describe(),
+            "slices_per_case": "all" if options.rule.per_case is None else options.rule.per_case,
+            "min_tumour_voxels": options.rule.min_tumour_voxels,
+            "source": source.resolve().name,
+            "source_layouts": sorted({case.layout for case in cases if case.case_id in set(written)}),
+            "cases_scanned": len(cases),
+            "cases_written": len(written),
+            "skipped": [{"case_id": s.case_id, "reason": s.reason} for s in skipped],
+            "compression": COMPRESSION_NAME,
+        },
+    )
+    return BuildSummary(
+        out=writer.out,
+        cases_scanned=len(cases),
+        cases_written=len(written),
+        rows=writer.rows,
+        split_rows={name: len(rows) for name, rows in splits.items()},
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,120 @@
+"""``brats-build``: make synthetic cases, build the HDF5 artifact, inspect and verify it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from joblib import Parallel, delayed
+from tqdm.auto import tqdm
+
+from builder.build import BuildError, BuildOptions, build
+from builder.extract import SliceRule
+from builder.inspect import describe, verify
+from builder.layout import LAYOUTS
+from builder.synth import write_case
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Turn a BraTS folder into one chunked HDF5 file of densest tumour slices (datasets/FORMAT.md)."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--cases", default=60, show_default=True, type=click.IntRange(1), help="How many cases to write.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same cases.")
+@click.option("--first", default=0, show_default=True, type=click.IntRange(0), help="Index of the first case.")
+@click.option("--jobs", default=-1, show_default=True, help="Parallel processes (-1: all cores).")
+@click.option("--layout", type=click.Choice(sorted(LAYOUTS)), default="brats2023", show_default=True,
+              help="File naming: BraTS 2023 (-t1n ... -seg) or 2020/2021 (_t1 ... _seg, ET as label 4).")
+@click.option("--uncompressed", is_flag=True, help="Write .nii instead of .nii.gz.")
+def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, uncompressed: bool) -> None:
+    """Write synthetic cases in the exact BraTS layout under OUT (240x240x155, int16 images, uint8 seg)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise click.ClickException(f"{out}: cannot create this folder ({error.strerror})") from None
+    run = Parallel(n_jobs=jobs, return_as="generator_unordered")
+    tasks = (delayed(write_case)(out, i, seed, layout, not uncompressed) for i in range(first, first + cases))
+    for _ in tqdm(run(tasks), total=cases, desc="synthetic cases", unit="case"):
+        pass
+    click.echo(f"wrote {cases} synthetic cases to {out}")
+
+
+@main.command(name="build")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--jobs", default=-1, show_default=True, help="Parallel processes (-1: all cores).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the train/val/test split.")
+@click.option("--val-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--test-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--slices-per-case", default="1", show_default=True,
+              help="How many of the densest tumour slices per case become rows, or 'all'.")
+@click.option("--min-tumour-voxels", default=1, show_default=True, type=click.IntRange(1),
+              help="A slice needs at least this many labelled voxels to become a row.")
+@click.option("--strict", is_flag=True, help="Fail on the first bad case instead of skipping it.")
+@click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
+              help="joblib backend: local processes, or a Dask cluster.")
+@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://HOST:PORT); default: a local cluster.")
+def build_command(source: Path, out: Path, jobs: int, seed: int, val_fraction: float, test_fraction: float,
+                  slices_per_case: str, min_tumour_voxels: int, strict: bool, backend: str, scheduler: str | None) -> None:
+    """Build OUT (an .h5 file) from the BraTS case folders under SOURCE.
+
+    Reads each case's seg in full, picks its densest axial slice(s), reads just those slices of the four
+    modalities, and streams the rows into OUT with split indices by case. Bad cases are skipped and listed.
+    """
+    per_case = None if slices_per_case == "all" else _positive_int(slices_per_case)
+    options = BuildOptions(
+        jobs=jobs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+        rule=SliceRule(per_case=per_case, min_tumour_voxels=min_tumour_voxels),
+        strict=strict, backend=backend, scheduler=scheduler,
+    )
+    try:
+        summary = build(source, out, options)
+    except BuildError as error:
+        raise click.ClickException(str(error)) from None
+    splits = ", ".join(f"{name} {n}" for name, n in summary.split_rows.items())
+    click.echo(
+        f"wrote {summary.out}: {summary.rows} rows from {summary.cases_written}/{summary.cases_scanned} cases "
+        f"({splits}) in {summary.seconds:.1f} s"
+    )
+    for skipped in summary.skipped:
+        click.echo(f"skipped {skipped.case_id}: {skipped.reason}")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"{text!r} is neither a positive whole number nor 'all'", param_hint="--slices-per-case")
+    return int(text)
+
+
+def _existing_file(path: Path) -> None:
+    if not path.is_file():
+        raise click.ClickException(f"{path}: no such file (build one with `make dataset` or `make demo`)")
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+def info(file: Path) -> None:
+    """Print a summary of an artifact: rows, splits, modalities, provenance, skipped cases."""
+    _existing_file(file)
+    try:
+        click.echo(describe(file))
+    except (OSError, KeyError) as error:
+        raise click.ClickException(f"{file}: not a brats2d artifact ({error}); run `brats-build verify {file}`") from None
+
+
+@main.command(name="verify")
+@click.argument("file", type=click.Path(path_type=Path))
+def verify_command(file: Path) -> None:
+    """Check shapes, labels, splits and every chunk's checksum; exit 1 naming each problem."""
+    _existing_file(file)
+    problems = verify(file)
+    if problems:
+        for problem in problems:
+            click.echo(f"{file}: {problem}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{file}: OK")
+
+

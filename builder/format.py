@@ -1,0 +1,39 @@
+"""The HDF5 artifact's contract (datasets/FORMAT.md), shared by the builder and the trainer.
+
+Standard library only: the trainer imports this module without needing nibabel or joblib.
+"""
+
+FORMAT_VERSION = 1
+
+#: Canonical BraTS 2023 modality names, in the order the builder stores and early fusion stacks them.
+MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
+
+#: Names users know from older releases and papers, mapped to the canonical ones.
+MODALITY_ALIASES: dict[str, str] = {
+    "t1": "t1n",
+    "t1ce": "t1c",
+    "t1gd": "t1c",
+    "t2": "t2w",
+    "flair": "t2f",
+}
+
+LABELS: dict[int, str] = {0: "background", 1: "NCR", 2: "ED", 3: "ET"}
+
+#: BraTS evaluation regions as sets of label values.
+REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+
+SEG = "seg"
+CASE_ID = "case_id"
+SLICE_INDEX = "slice_index"
+SPLIT_GROUP = "split"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def canonical_modality(name: str) -> str:
+    """Return the canonical name for a modality or alias; raise ValueError listing the valid names."""
+    key = name.strip().lower()
+    key = MODALITY_ALIASES.get(key, key)
+    if key not in MODALITIES:
+        valid = ", ".join(MODALITIES + tuple(MODALITY_ALIASES))
+        raise ValueError(f"unknown modality {name!r}; valid names: {valid}")
+    return key

@@ -1,0 +1,66 @@
+"""Find BraTS case folders and the files of each case, in the 2023 or the 2020/2021 naming."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.format import MODALITIES, SEG
+
+#: layout name -> (separator between case id and suffix, file suffix for each canonical modality and the seg)
+LAYOUTS: dict[str, tuple[str, dict[str, str]]] = {
+    "brats2023": ("-", {"t1n": "t1n", "t1c": "t1c", "t2w": "t2w", "t2f": "t2f", SEG: "seg"}),
+    "brats2021": ("_", {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", SEG: "seg"}),
+}
+_EXTENSIONS = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case folder: its id, naming layout, and the path of each modality and the seg (maybe missing)."""
+
+    case_id: str
+    layout: str
+    files: dict[str, Path]
+
+    def missing(self) -> list[str]:
+        return [name for name in (*MODALITIES, SEG) if not self.files[name].is_file()]
+
+
+def _file_for(folder: Path, case_id: str, separator: str, suffix: str, names: set[str]) -> Path | None:
+    for extension in _EXTENSIONS:
+        name = f"{case_id}{separator}{suffix}{extension}"
+        if name in names:
+            return folder / name
+    return None
+
+
+def _as_case(folder: Path, names: set[str]) -> Case | None:
+    """The folder as a case if it holds at least one file named after it in a known layout."""
+    case_id = folder.name
+    for layout, (separator, suffixes) in LAYOUTS.items():
+        found = {key: _file_for(folder, case_id, separator, suffix, names) for key, suffix in suffixes.items()}
+        if any(found.values()):
+            files = {
+                key: path or folder / f"{case_id}{separator}{suffixes[key]}{_EXTENSIONS[0]}"
+                for key, path in found.items()
+            }
+            return Case(case_id=case_id, layout=layout, files=files)
+    return None
+
+
+def find_cases(source: Path) -> list[Case]:
+    """Every case folder at or below ``source``, sorted by case id (independent of file-system order)."""
+    cases: list[Case] = []
+    for root, dirs, files in os.walk(source):
+        case = _as_case(Path(root), set(files))
+        if case is not None:
+            cases.append(case)
+            dirs.clear()  # a case folder holds no further cases
+        dirs.sort()
+    ids = [case.case_id for case in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{source}: case ids found in more than one folder: {', '.join(duplicates[:5])}")
+    return sorted(cases, key=lambda case: case.case_id)
