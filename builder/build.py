@@ -86,7 +86,7 @@ def _map(function: Callable[..., R], items: Iterable[T], total: int, desc: str, 
     """Apply ``function`` to each item in the active joblib backend; results arrive in order, as they finish."""
     run = Parallel(return_as="generator", batch_size=1, pre_dispatch="2*n_jobs")
     results = run(delayed(function)(item, *args) for item in items)
-    yield from tqdm(results, total=total, desc=desc, unit="case", disable=not progress, dynamic_ncols=True)
+    yield from tqdm(results, total=total, desc=desc, unit="case", disable=None if progress else True, dynamic_ncols=True)
 
 
 def _plan(headers: list[CaseHeaders]) -> tuple[tuple[int, int], dict[str, str]]:

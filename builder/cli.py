@@ -37,7 +37,7 @@ def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, 
         raise click.ClickException(f"{out}: cannot create this folder ({error.strerror})") from None
     run = Parallel(n_jobs=jobs, return_as="generator_unordered")
     tasks = (delayed(write_case)(out, i, seed, layout, not uncompressed) for i in range(first, first + cases))
-    for _ in tqdm(run(tasks), total=cases, desc="synthetic cases", unit="case"):
+    for _ in tqdm(run(tasks), total=cases, desc="synthetic cases", unit="case", disable=None):
         pass
     click.echo(f"wrote {cases} synthetic cases to {out}")
 

@@ -1,0 +1,67 @@
+# brats2d: `make demo` (synthetic data -> dataset -> models) and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned for this project's machines (CPU here, CUDA on GPU hosts); users may override, pyproject allows torch>=2.4.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+BRATS_DIR ?=
+DATA ?= datasets/brats2023.h5
+JOBS ?= -1
+MODALITY ?= t2f
+NPROC ?= 1
+ARGS ?=
+
+DEMO_DIR ?= datasets/synthetic
+DEMO_DATA ?= datasets/demo.h5
+DEMO_CASES ?= 80
+
+.PHONY: setup dataset demo train compare test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[all,dev]'
+	touch $@
+
+dataset: setup
+	@if [ -z "$(BRATS_DIR)" ]; then \
+	  echo "Set BRATS_DIR to your BraTS 2023 training folder, e.g."; \
+	  echo "  make dataset BRATS_DIR=~/data/ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData"; \
+	  echo "BraTS 2023 needs a free registration on Synapse (https://www.synapse.org/brats2023)."; \
+	  echo "No data yet? 'make demo' runs everything on synthetic cases."; \
+	  exit 2; fi
+	$(VENV)/bin/brats-build build "$(BRATS_DIR)" $(DATA) --jobs $(JOBS) $(ARGS)
+	$(VENV)/bin/brats-build info $(DATA)
+
+$(DEMO_DATA): | setup
+	$(VENV)/bin/brats-build synth $(DEMO_DIR) --cases $(DEMO_CASES) --seed 0 --jobs $(JOBS)
+	$(VENV)/bin/brats-build build $(DEMO_DIR) $(DEMO_DATA) --jobs $(JOBS) --val-fraction 0.15 --test-fraction 0.15
+
+demo: setup $(DEMO_DATA)
+	$(VENV)/bin/brats-train compare $(DEMO_DATA) --out runs/demo --epochs 4 --encoder resnet18 --encoder-weights none $(ARGS)
+
+train: setup
+	@if [ "$(NPROC)" -gt 1 ]; then \
+	  $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer fit $(DATA) --modality $(MODALITY) $(ARGS); \
+	else \
+	  $(VENV)/bin/brats-train fit $(DATA) --modality $(MODALITY) $(ARGS); fi
+
+compare: setup
+	$(VENV)/bin/brats-train compare $(DATA) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_build.py
+	$(PY) benchmarks/bench_codecs.py
+	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_loader.py
+
+clean:
+	rm -rf runs $(DEMO_DIR) $(DEMO_DATA) benchmarks/.cache

@@ -1,0 +1,44 @@
+"""Shared fixtures: a handful of synthetic BraTS cases and the artifact built from them (made once per run)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from builder.build import BuildOptions, build
+from builder.synth import write_case
+
+N_CASES = 12
+
+
+@pytest.fixture(scope="session")
+def cases_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic cases in the BraTS 2023 layout (read-only for tests: copy before changing)."""
+    from joblib import Parallel, delayed
+
+    out = tmp_path_factory.mktemp("brats") / "TrainingData"
+    Parallel(n_jobs=2)(delayed(write_case)(out, i, 0) for i in range(N_CASES))
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifact(cases_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The artifact built from ``cases_dir`` with a 50/25/25 split, so every split has rows."""
+    out = tmp_path_factory.mktemp("artifact") / "brats.h5"
+    build(cases_dir, out, BuildOptions(jobs=2, val_fraction=0.25, test_fraction=0.25, progress=False))
+    return out
+
+
+@pytest.fixture
+def case_copy(cases_dir: Path, tmp_path: Path):
+    """Copy some cases into a fresh folder, so a test may break them."""
+
+    def copy(n: int) -> Path:
+        folder = tmp_path / "src"
+        for case in sorted(cases_dir.iterdir())[:n]:
+            shutil.copytree(case, folder / case.name)
+        return folder
+
+    return copy
