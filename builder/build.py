@@ -82,9 +82,11 @@ def parallel_backend(backend: str, jobs: int, scheduler: str | None) -> Iterator
         client.close()
 
 
-def _map(function: Callable[..., R], items: Iterable[T], total: int, desc: str, progress: bool, *args: object) -> Iterator[R]:
+def _map(
+    function: Callable[..., R], items: Iterable[T], total: int, desc: str, progress: bool, *args: object
+) -> Iterator[R]:
     """Apply ``function`` to each item in the active joblib backend; results arrive in order, as they finish."""
-    run = Parallel(return_as="generator", batch_size=1, pre_dispatch="2*n_jobs")
+    run = Parallel(return_as="generator", pre_dispatch="2*n_jobs")
     results = run(delayed(function)(item, *args) for item in items)
     yield from tqdm(results, total=total, desc=desc, unit="case", disable=None if progress else True, dynamic_ncols=True)
 

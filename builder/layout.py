@@ -53,7 +53,7 @@ def _as_case(folder: Path, names: set[str]) -> Case | None:
 def find_cases(source: Path) -> list[Case]:
     """Every case folder at or below ``source``, sorted by case id (independent of file-system order)."""
     cases: list[Case] = []
-    for root, dirs, files in os.walk(source):
+    for root, dirs, files in os.walk(source, followlinks=True):
         case = _as_case(Path(root), set(files))
         if case is not None:
             cases.append(case)

@@ -1,8 +1,8 @@
 """Read only the bytes of a NIfTI volume that the build needs.
 
 A .nii.gz can only be decoded from its start, so the cost of reading axial slice z grows with z. We decode
-the stream in small pieces (ISA-L's inflate when python-isal is installed, else zlib), keep the header and
-the wanted slices, drop everything else, and stop right after the last wanted slice. Values come out as
+the stream piece by piece (ISA-L's inflate when python-isal is installed, else zlib), keep the header and
+the wanted slices, drop every skipped piece at once, and stop right after the last wanted slice. Values come out as
 ``np.asanyarray(nib.load(path).dataobj)[:, :, z]`` would give them: same dtype, same scaling.
 """
 
@@ -22,8 +22,8 @@ try:  # ISA-L inflates 2-3x faster than zlib; same API.
 except ImportError:  # pragma: no cover - exercised only where python-isal is missing
     import zlib as _zlib
 
-_PIECE = 256 * 1024  # decoded bytes per step: small enough for the allocator to reuse, big enough to be cheap
-_READ = 1 << 20  # compressed bytes read from disk per step
+_PIECE = 16 * 1024 * 1024  # most decoded bytes per call: few calls; one volume's worth at most
+_READ = 256 * 1024  # compressed bytes fed per call: the decoder copies its unconsumed input each call
 _NIFTI2_HEADER = 540
 
 
@@ -61,52 +61,48 @@ class VolumeHeader:
         return apply_read_scaling(raw, self.slope, self.inter)
 
 
-def _decoded_pieces(path: Path) -> Iterator[bytes]:
-    """Yield the file's decoded bytes in pieces of at most _PIECE bytes, lazily."""
-    with open(path, "rb") as f:
-        if not path.name.endswith(".gz"):
-            while piece := f.read(_PIECE):
-                yield piece
-            return
-        decoder = _zlib.decompressobj(31)
-        pending = b""
-        while True:
-            if not pending:
-                pending = f.read(_READ)
-                if not pending:
-                    return
-            piece = decoder.decompress(pending, _PIECE)
-            pending = decoder.unconsumed_tail
-            if decoder.eof:  # a further gzip member may follow (concatenated .gz files are legal)
-                pending = decoder.unused_data + pending
-                decoder = _zlib.decompressobj(31)
-            if piece:
-                yield piece
-
-
 class _Stream:
-    """Pull-based reader over decoded pieces that can skip bytes without keeping them."""
+    """Decoded bytes of a (possibly gzipped) file, pulled on demand; skipped bytes are never kept."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._pieces = _decoded_pieces(path)
-        self._buffer = memoryview(b"")
-        self.position = 0
+        self._file = open(path, "rb")
+        self._decoder = _zlib.decompressobj(31) if path.name.endswith(".gz") else None
+        self._pending = b""  # compressed bytes read but not yet decoded
+        self._buffer = memoryview(b"")  # decoded bytes not yet consumed
+        self.position = 0  # offset of the next decoded byte in the file's content
 
-    def _more(self) -> bool:
-        try:
-            self._buffer = memoryview(next(self._pieces))
-        except StopIteration:
-            return False
-        except (OSError, EOFError, _zlib.error) as error:
-            raise NiftiReadError(f"{self.path}: corrupt compressed data ({error})") from None
-        return True
+    def _more(self, wanted: int) -> bool:
+        """Decode up to ``wanted`` more bytes (at most _PIECE); False at the end of the data."""
+        limit = max(1, min(wanted, _PIECE))
+        if self._decoder is None:
+            piece = self._file.read(limit)
+        else:
+            piece = b""
+            while not piece:
+                if not self._pending:
+                    self._pending = self._file.read(_READ)
+                    if not self._pending:
+                        return False
+                try:
+                    piece = self._decoder.decompress(self._pending, limit)
+                except (_zlib.error, OSError) as error:
+                    raise NiftiReadError(f"{self.path}: corrupt compressed data ({error})") from None
+                self._pending = self._decoder.unconsumed_tail
+                if self._decoder.eof:  # a further gzip member may follow (concatenated .gz files are legal)
+                    self._pending = self._decoder.unused_data + self._pending
+                    self._decoder = _zlib.decompressobj(31)
+        self._buffer = memoryview(piece)
+        return bool(piece)
+
+    def _ends_early(self) -> NiftiReadError:
+        return NiftiReadError(f"{self.path}: file ends early (truncated?) at byte {self.position}")
 
     def read_into(self, out: memoryview) -> None:
         filled = 0
         while filled < len(out):
-            if not self._buffer and not self._more():
-                raise NiftiReadError(f"{self.path}: file ends early (truncated?) at byte {self.position}")
+            if not self._buffer and not self._more(len(out) - filled):
+                raise self._ends_early()
             n = min(len(out) - filled, len(self._buffer))
             out[filled : filled + n] = self._buffer[:n]
             self._buffer = self._buffer[n:]
@@ -120,14 +116,14 @@ class _Stream:
 
     def skip_to(self, offset: int) -> None:
         while self.position < offset:
-            if not self._buffer and not self._more():
-                raise NiftiReadError(f"{self.path}: file ends early (truncated?) at byte {self.position}")
+            if not self._buffer and not self._more(offset - self.position):
+                raise self._ends_early()
             n = min(offset - self.position, len(self._buffer))
             self._buffer = self._buffer[n:]
             self.position += n
 
     def close(self) -> None:
-        self._pieces.close()
+        self._file.close()
 
 
 def _parse_header(stream: _Stream) -> VolumeHeader:
@@ -172,10 +168,12 @@ def _open(path: Path) -> _Stream:
     return _Stream(path)
 
 
-def read_raw_slices(path: Path, zs: Iterable[int]) -> tuple[np.ndarray, VolumeHeader]:
+def read_raw_slices(path: Path, zs: Iterable[int], reuse: bool = False) -> tuple[np.ndarray, VolumeHeader]:
     """Unscaled axial slices as stored, one (k, Y, X) array (a Fortran-order slice is C-order (Y, X)).
 
-    Decodes the file only up to the end of the last wanted slice and keeps only the wanted slices.
+    Decodes the file only up to the end of the last wanted slice and keeps only the wanted slices. With
+    ``reuse`` the result lives in a per-process buffer that the next such call overwrites (a fresh 9-18 MB
+    array costs milliseconds of page faults): copy what you keep.
     """
     wanted = sorted(zs)
     stream = _open(path)
@@ -184,7 +182,7 @@ def read_raw_slices(path: Path, zs: Iterable[int]) -> tuple[np.ndarray, VolumeHe
         if wanted and not 0 <= wanted[0] <= wanted[-1] < info.shape[2]:
             raise NiftiReadError(f"{path}: slice {wanted[-1]} is outside the volume's {info.shape[2]} slices")
         x, y = info.slice_shape
-        raw = np.empty((len(wanted), y, x), dtype=info.disk_dtype)
+        raw = _buffer((len(wanted), y, x), info.disk_dtype) if reuse else np.empty((len(wanted), y, x), info.disk_dtype)
         view = memoryview(raw.reshape(-1).view(np.uint8))
         for i, z in enumerate(wanted):
             stream.skip_to(info.vox_offset + z * info.slice_bytes)
@@ -201,5 +199,16 @@ def read_slices(path: Path, zs: Iterable[int]) -> tuple[np.ndarray, VolumeHeader
 
 
 def read_all_raw_slices(path: Path) -> tuple[np.ndarray, VolumeHeader]:
-    """Every axial slice, unscaled, as (Z, Y, X): slice z transposed is ``vol[:, :, z]``."""
-    return read_raw_slices(path, range(read_header(path).shape[2]))
+    """Every axial slice, unscaled, as (Z, Y, X), in the reused buffer: slice z transposed is ``vol[:, :, z]``."""
+    return read_raw_slices(path, range(read_header(path).shape[2]), reuse=True)
+
+
+_buffers: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
+
+
+def _buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    key = (shape, dtype.str)
+    if key not in _buffers:
+        _buffers.clear()  # keep one: volumes of one dataset share a shape
+        _buffers[key] = np.empty(shape, dtype)
+    return _buffers[key]

@@ -31,10 +31,12 @@ class ArtifactWriter:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-        self._file = h5py.File(self.tmp, "w")  # raises OSError when OUT's folder is not writable
+        # Whole chunks are written once: a chunk cache would only grow memory with the row count.
+        self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)  # raises OSError when OUT's folder is not writable
         self.rows = 0
         self.case_ids: list[str] = []
         self.slice_index: list[int] = []
+        self._datasets: dict[str, h5py.Dataset] = {}
         self._finished = False
 
     def __enter__(self) -> ArtifactWriter:
@@ -43,7 +45,7 @@ class ArtifactWriter:
     def create(self, slice_shape: tuple[int, int], dtypes: dict[str, str]) -> None:
         """Create the row datasets: one per modality plus the seg, chunked one slice per chunk."""
         for name, dtype in (*((m, dtypes[m]) for m in MODALITIES), (SEG, "u1")):
-            self._file.create_dataset(
+            self._datasets[name] = self._file.create_dataset(
                 name,
                 shape=(0, *slice_shape),
                 maxshape=(None, *slice_shape),
@@ -55,8 +57,7 @@ class ArtifactWriter:
 
     def append(self, case: CaseRows) -> None:
         start, stop = self.rows, self.rows + len(case.slice_index)
-        for name in (*MODALITIES, SEG):
-            dataset = self._file[name]
+        for name, dataset in self._datasets.items():
             if dataset.shape[0] < stop:
                 dataset.resize(stop + _GROW, axis=0)
             dataset[start:stop] = case.seg if name == SEG else case.images[name]
@@ -67,8 +68,8 @@ class ArtifactWriter:
     def finish(self, splits: dict[str, np.ndarray], attrs: dict[str, object]) -> None:
         """Trim the datasets, write the row metadata, splits and JSON attributes."""
         f = self._file
-        for name in (*MODALITIES, SEG):
-            f[name].resize(self.rows, axis=0)
+        for dataset in self._datasets.values():
+            dataset.resize(self.rows, axis=0)
         f.create_dataset(CASE_ID, data=np.array(self.case_ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
         f.create_dataset(SLICE_INDEX, data=np.asarray(self.slice_index, dtype=np.int32))
         group = f.create_group(SPLIT_GROUP)
