@@ -1,0 +1,123 @@
+"""``brats-train``: fit a model on the artifact, evaluate it, compare modalities, predict new cases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder.format import MODALITIES, MODALITY_ALIASES
+from trainer.train import CACHES, LOSSES, TASKS, FitConfig
+from trainer.transforms import NORMALISATIONS
+
+MODALITY_CHOICES = (*MODALITIES, *MODALITY_ALIASES, "all")
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the project's expected errors (bad files, names, options) into one line and exit code 1."""
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from trainer.data import ArtifactError
+        from trainer.model import ModelError
+        from trainer.train import FitError
+
+        try:
+            return command(*args, **kwargs)
+        except (ArtifactError, ModelError, FitError, ValueError) as error:
+            raise click.ClickException(str(error)) from None
+        except OSError as error:  # h5py raises OSError on a failed checksum or a truncated file
+            raise click.ClickException(
+                f"reading failed ({error}); the file may be damaged: check it with `brats-build verify FILE`"
+            ) from None
+
+    return run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train 2D BraTS segmentation models that stream from a brats2d HDF5 file (datasets/FORMAT.md)."""
+
+
+def fit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by `fit` and `compare`: everything that defines how one model is trained."""
+    options = [
+        click.option("--arch", default="unet", show_default=True,
+                     help="smp architecture: unet, unetplusplus, deeplabv3plus, fpn, manet, linknet, pspnet, pan, ..."),
+        click.option("--encoder", default="resnet34", show_default=True, help="smp encoder name, e.g. resnet18, efficientnet-b0."),
+        click.option("--encoder-weights", default="imagenet", show_default=True,
+                     help="Pretrained encoder weights: imagenet (downloaded once) or none."),
+        click.option("--task", type=click.Choice(TASKS), default="multiclass", show_default=True,
+                     help="multiclass: background/NCR/ED/ET; binary: whole tumour vs background."),
+        click.option("--loss", type=click.Choice(LOSSES), default="ce+dice", show_default=True),
+        click.option("--norm", type=click.Choice(NORMALISATIONS), default="zscore", show_default=True,
+                     help="Per-slice intensity normalisation over brain pixels (zscore) or max-scaling (minmax)."),
+        click.option("--epochs", default=50, show_default=True, type=click.IntRange(1)),
+        click.option("--max-steps", default=None, type=click.IntRange(1), help="Stop after this many optimiser steps."),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1)),
+        click.option("--lr", default=1e-3, show_default=True, type=float),
+        click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA (bf16, else fp16)."),
+        click.option("--compile/--no-compile", "compile_model", default=False, show_default=True, help="torch.compile the model."),
+        click.option("--augment/--no-augment", default=True, show_default=True, help="Flips, rotations, intensity jitter."),
+        click.option("--crop", default=None, type=click.IntRange(32),
+                     help="Train on random NxN patches (multiple of 32, tumour-centred 2 in 3); eval sees whole slices."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--patience", default=5, show_default=True, type=click.IntRange(1), help="Early stopping patience, epochs."),
+        click.option("--cache", type=click.Choice(CACHES), default="auto", show_default=True,
+                     help="stream rows from the file, hold the splits on the device, or choose by free GPU memory."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def make_config(data: Path, modality: str, out: Path, **options: Any) -> FitConfig:
+    options["compile"] = options.pop("compile_model")
+    return FitConfig(data=str(data), modality=modality, out=str(out), **options)
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--modality", "-m", type=click.Choice(MODALITY_CHOICES, case_sensitive=False), required=False,
+              default=None, help="t1n, t1c, t2w, t2f (or t1, t1ce/t1gd, t2, flair), or all (early fusion).")
+@fit_options
+@click.option("--out", default=Path("runs"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Run folder prefix (default: the modality).")
+@click.option("--resume", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the run in this folder from its last.pt (its saved options win).")
+@one_line_errors
+def fit(data: Path, modality: str | None, out: Path, name: str | None, resume: Path | None, **options: Any) -> None:
+    """Train one model on DATA (an .h5 file from brats-build) and leave a run folder under --out."""
+    from trainer.model import read_checkpoint
+    from trainer.train import fit as run_fit
+
+    if resume is not None:
+        config = FitConfig.from_dict(read_checkpoint(resume / "last.pt")["config"])
+    else:
+        if modality is None:
+            raise click.UsageError("--modality is required (t1n, t1c, t2w, t2f, their aliases, or all)")
+        config = make_config(data, modality, out, name=name, **options)
+    run_dir = run_fit(config, resume)
+    click.echo(f"run folder: {run_dir}")
+
+
+@main.command(name="evaluate")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--data", default=None, type=click.Path(path_type=Path), help="Another copy of the run's .h5 file.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--checkpoint", default="best.pt", show_default=True)
+@one_line_errors
+def evaluate_command(run_dir: Path, split: str, data: Path | None, device: str, checkpoint: str) -> None:
+    """Evaluate a run's checkpoint on a split; writes <split>_metrics.json and <split>_cases.csv."""
+    from trainer.evaluate import evaluate_run
+
+    result = evaluate_run(run_dir, split, data, device, checkpoint)
+    shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+    click.echo(f"{run_dir} on {split} ({result['slices']} slices): {shown}")
+    click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")

@@ -1,0 +1,107 @@
+"""Epoch metrics from summed counts, so they do not depend on batch size and reduce exactly across ranks.
+
+- pixel accuracy: correct pixels / all pixels
+- mean IoU: mean over classes of tp / (tp + fp + fn), pooled over the epoch (a class absent from both
+  prediction and truth counts as 1)
+- MSE: mean squared error between the softmax probabilities and the one-hot target, over pixels and classes
+- Dice of the BraTS regions WT (labels 1+2+3), TC (1+3), ET (3), per slice, averaged over slices; a region
+  absent from both the prediction and the truth of a slice scores 1 (nnU-Net's BraTS convention), predicted
+  but absent scores 0. Binary task: WT only. These per-slice numbers are not the official BraTS 2023 lesion-wise
+  3D scores and cannot be compared with leaderboard figures.
+"""
+
+from __future__ import annotations
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from builder.format import REGIONS
+
+
+def region_names(task: str) -> tuple[str, ...]:
+    return tuple(REGIONS) if task == "multiclass" else ("WT",)
+
+
+def region_masks(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """(B, R, H, W) 0/1 masks of each BraTS region from a (B, H, W) label map of the task's classes."""
+    if task == "binary":
+        return (labels > 0).long().unsqueeze(1)
+    return torch.stack([torch.isin(labels, torch.tensor(v, device=labels.device)) for v in REGIONS.values()], 1).long()
+
+
+def region_dice(pred: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """(B, R) Dice of each region per slice; 1 where the region is absent from both."""
+    tp, fp, fn, tn = smp.metrics.get_stats(region_masks(pred, task), region_masks(target, task), mode="multilabel")
+    return smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
+
+
+class SegmentationMetrics:
+    """Accumulates one epoch's sums; ``compute`` turns them into the metrics above."""
+
+    def __init__(self, classes: int, task: str, device: torch.device, keep_per_slice: bool = False) -> None:
+        self.classes, self.task = classes, task
+        self.regions = region_names(task)
+        # One float64 vector of sums: [loss*n, n, slices, correct, pixels, sq_error, sq_count, tp(C), fp(C), fn(C),
+        # dice(R)], so that reducing across ranks is one all_reduce and exact.
+        self.sums = torch.zeros(7 + 3 * classes + len(self.regions), dtype=torch.float64, device=device)
+        self.per_slice: list[dict[str, float]] | None = [] if keep_per_slice else None
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, loss: float | None = None,
+               rows: torch.Tensor | None = None) -> None:
+        """Add a batch: logits (B, C, H, W) already cropped to the stored size, target (B, H, W) class indices."""
+        with torch.no_grad():
+            logits = logits.float()
+            batch = target.shape[0]
+            pred = logits.argmax(1)
+            tp, fp, fn, _ = smp.metrics.get_stats(pred, target, mode="multiclass", num_classes=self.classes)
+            probs = logits.softmax(1)
+            onehot = F.one_hot(target, self.classes).permute(0, 3, 1, 2).float()
+            dice = region_dice(pred, target, self.task)
+            c = self.classes
+            s = self.sums
+            if loss is not None:
+                s[0] += loss * batch
+                s[1] += batch
+            s[2] += batch
+            s[3] += (pred == target).sum()
+            s[4] += target.numel()
+            s[5] += ((probs - onehot) ** 2).sum()
+            s[6] += probs.numel()
+            s[7 : 7 + c] += tp.sum(0)
+            s[7 + c : 7 + 2 * c] += fp.sum(0)
+            s[7 + 2 * c : 7 + 3 * c] += fn.sum(0)
+            s[7 + 3 * c :] += dice.sum(0)
+            if self.per_slice is not None:
+                self._keep(pred, target, dice, rows)
+
+    def _keep(self, pred: torch.Tensor, target: torch.Tensor, dice: torch.Tensor, rows: torch.Tensor | None) -> None:
+        accuracy = (pred == target).float().mean(dim=(1, 2))
+        for i in range(pred.shape[0]):
+            record = {"row": int(rows[i]) if rows is not None else -1, "pixel_accuracy": float(accuracy[i])}
+            record.update({f"dice_{r}": float(dice[i, j]) for j, r in enumerate(self.regions)})
+            self.per_slice.append(record)  # type: ignore[union-attr]
+
+    def all_reduce(self) -> None:
+        """Sum the counts over every rank (the per-slice records stay on their rank)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+
+    def compute(self) -> dict[str, float]:
+        """The metrics of the epoch (over every rank once ``all_reduce`` ran)."""
+        s = self.sums.cpu()
+        c = self.classes
+        tp, fp, fn = s[7 : 7 + c], s[7 + c : 7 + 2 * c], s[7 + 2 * c : 7 + 3 * c]
+        union = tp + fp + fn
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.ones_like(tp))
+        out = {
+            "loss": float(s[0] / s[1]) if s[1] > 0 else float("nan"),
+            "pixel_accuracy": float(s[3] / s[4]),
+            "mean_iou": float(iou.mean()),
+            "mse": float(s[5] / s[6]),
+        }
+        dice = s[7 + 3 * c :] / s[2].clamp_min(1)
+        out.update({f"dice_{r}": float(d) for r, d in zip(self.regions, dice)})
+        out["dice_mean"] = float(dice.mean())
+        return out

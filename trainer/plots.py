@@ -1,0 +1,79 @@
+"""Pictures a run leaves behind: learning curves and sample predictions, coloured by BraTS region."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+#: RGBA per label: NCR red, ED green, ET yellow (the usual BraTS colours); background transparent.
+LABEL_COLOURS = np.array([[0, 0, 0, 0], [1, 0.15, 0.15, 0.8], [0.2, 0.85, 0.2, 0.55], [1, 0.9, 0, 0.85]])
+CURVES = (("loss", "loss"), ("pixel_accuracy", "pixel accuracy"), ("mean_iou", "mean IoU"), ("mse", "MSE"),
+          ("dice_mean", "mean region Dice"), ("dice_WT", "Dice WT"))
+
+
+def overlay(labels: np.ndarray) -> np.ndarray:
+    """(H, W) labels 0..3 to an RGBA image to draw over a grey slice."""
+    return LABEL_COLOURS[np.clip(labels, 0, 3)]
+
+
+def show_slice(ax: plt.Axes, image: np.ndarray, labels: np.ndarray | None = None, title: str = "") -> None:
+    """A slice as radiologists see it (rows = y, so transpose the stored (x, y)), optionally with labels."""
+    ax.imshow(image.T, cmap="gray", origin="lower")
+    if labels is not None:
+        ax.imshow(overlay(labels.T), origin="lower", interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def plot_curves(rows: Sequence[dict[str, float]], path: Path) -> None:
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            values = [r.get(f"{split}_{key}", np.nan) for r in rows]
+            ax.plot(epochs, values, style, markersize=3, label=split)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle("per-slice metrics (not comparable to BraTS leaderboard 3D lesion-wise scores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_samples(checkpoint: Path, artifact, batches, path: Path, count: int = 4) -> None:
+    """A few validation slices: the input, the truth and the prediction of the model in ``checkpoint``."""
+    import h5py
+
+    from trainer.model import load_model
+
+    model, config = load_model(checkpoint, batches.device)
+    rows = artifact.splits["val"][:count]
+    with h5py.File(artifact.path, "r") as f:
+        images = torch.from_numpy(np.stack([[f[c][r] for c in config["channels"]] for r in rows]))
+        truth = np.stack([f["seg"][r] for r in rows])
+    with torch.no_grad():
+        inputs, target = batches.inputs(images, torch.from_numpy(truth))
+        pred = batches.crop(model(inputs), target).argmax(1).cpu().numpy()
+    if config["task"] == "binary":
+        truth = (truth > 0).astype(np.uint8) * 2  # whole tumour drawn in the oedema colour
+        pred = pred * 2
+    shown = config["channels"][-1]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        name = f"{artifact.case_ids[row]} z={artifact.slice_index[row]}"
+        show_slice(axes[i, 0], images[i, -1].numpy(), None, f"{name}\n{shown}")
+        show_slice(axes[i, 1], images[i, -1].numpy(), truth[i], "truth")
+        show_slice(axes[i, 2], images[i, -1].numpy(), pred[i], "prediction")
+    fig.suptitle("red NCR, green ED, yellow ET", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
