@@ -1,0 +1,203 @@
+"""The trainer end to end on a tiny synthetic artifact (CPU, small encoder, no pretrained weights)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.data import DataLoader
+
+from trainer import train as train_module
+from trainer.cli import main
+from trainer.data import SliceDataset
+from trainer.model import load_model
+
+FAST = ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "3", "--workers", "0",
+        "--crop", "64", "--device", "cpu"]
+
+
+def _fit(artifact: Path, out: Path, *extra: str):
+    return CliRunner().invoke(main, ["fit", str(artifact), "--out", str(out), *FAST, *extra], catch_exceptions=False)
+
+
+def _one_clear_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_dataset_rows_equal_the_file_and_survive_worker_processes(artifact: Path) -> None:
+    with h5py.File(artifact) as f:
+        rows = f["split/train"][()]
+        expected_t2f = f["t2f"][int(rows[2])]
+        expected_seg = f["seg"][int(rows[2])]
+        expected_all = np.stack([f[m][int(rows[1])] for m in ("t1n", "t1c", "t2w", "t2f")])
+    single = SliceDataset(artifact, rows, ["t2f"])
+    image, seg, row = single[2]
+    assert image.shape == (1, 240, 240) and image.dtype == torch.int16
+    assert np.array_equal(image[0].numpy(), expected_t2f) and np.array_equal(seg.numpy(), expected_seg)
+    assert row == rows[2]
+    fused = SliceDataset(artifact, rows, ["t1n", "t1c", "t2w", "t2f"])
+    assert np.array_equal(fused[1][0].numpy(), expected_all)
+    # spawn-started workers must pickle the dataset: no h5py handle may travel with it
+    fused[0]
+    loader = DataLoader(fused, batch_size=2, num_workers=2, multiprocessing_context="spawn")
+    seen = torch.cat([batch_rows for _, _, batch_rows in loader])
+    assert sorted(seen.tolist()) == sorted(rows.tolist())
+
+
+def test_tiny_run_leaves_every_artifact_and_evaluates(artifact: Path, tmp_path: Path) -> None:
+    result = _fit(artifact, tmp_path, "--modality", "flair", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    (run,) = list(tmp_path.iterdir())
+    assert run.name.startswith("t2f-")
+    for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "curves.png", "samples.png"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["modality"] == "t2f" and config["artifact"]["format_version"] == 1
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    for split in ("train", "val"):
+        for metric in ("loss", "pixel_accuracy", "mean_iou", "mse", "dice_WT", "dice_TC", "dice_ET", "dice_mean"):
+            assert f"{split}_{metric}" in rows[0]
+    assert 0 <= float(rows[-1]["val_pixel_accuracy"]) <= 1
+    checkpoint = torch.load(run / "best.pt", weights_only=True)  # loads without running code
+    assert checkpoint["config"]["channels"] == ["t2f"]
+    model, saved = load_model(run / "best.pt")
+    assert saved["classes"] == 4 and not model.training
+
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--split", "test", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["slices"] == 3 and 0 <= metrics["dice_mean"] <= 1
+    with open(run / "test_cases.csv") as handle:
+        cases = list(csv.DictReader(handle))
+    assert len(cases) == 3 and {"case_id", "dice_WT", "dice_TC", "dice_ET", "pixel_accuracy"} <= set(cases[0])
+    # per-case Dice averages to the split's mean (one slice per case; same per-slice convention)
+    assert np.mean([float(c["dice_WT"]) for c in cases]) == pytest.approx(metrics["dice_WT"], abs=1e-5)
+
+
+def test_loss_falls(artifact: Path, tmp_path: Path) -> None:
+    result = _fit(artifact, tmp_path, "--modality", "all", "--epochs", "6", "--no-augment", "--lr", "3e-3",
+                  "--patience", "6")
+    assert result.exit_code == 0, result.output
+    (run,) = list(tmp_path.iterdir())
+    with open(run / "metrics.csv") as handle:
+        losses = [float(row["train_loss"]) for row in csv.DictReader(handle)]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_resume_continues_a_killed_run_to_the_same_result(artifact: Path, tmp_path: Path, monkeypatch) -> None:
+    straight = _fit(artifact, tmp_path / "a", "--modality", "t1c", "--epochs", "3", "--patience", "9")
+    assert straight.exit_code == 0, straight.output
+    (run_a,) = list((tmp_path / "a").iterdir())
+
+    real_history_add = train_module.History.add
+
+    def killed_after_second_epoch(self, row):
+        real_history_add(self, row)
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt  # the process dies after epoch 2 was logged and before its checkpoint
+
+    monkeypatch.setattr(train_module.History, "add", killed_after_second_epoch)
+    killed = _fit(artifact, tmp_path / "b", "--modality", "t1c", "--epochs", "3", "--patience", "9")
+    assert killed.exit_code == 1 and "Aborted" in killed.output
+    monkeypatch.undo()
+    (run_b,) = list((tmp_path / "b").iterdir())
+    assert torch.load(run_b / "last.pt", weights_only=True)["epoch"] == 0
+    resumed = CliRunner().invoke(main, ["fit", str(artifact), "--resume", str(run_b)], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    a = torch.load(run_a / "last.pt", weights_only=True)
+    b = torch.load(run_b / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
+    with open(run_a / "metrics.csv") as ha, open(run_b / "metrics.csv") as hb:
+        rows_a, rows_b = list(csv.DictReader(ha)), list(csv.DictReader(hb))
+    assert len(rows_b) == 3
+    for ra, rb in zip(rows_a, rows_b):
+        assert float(ra["val_dice_mean"]) == pytest.approx(float(rb["val_dice_mean"]), abs=1e-6)
+
+
+# --- bad input: one clear line, exit 1 ---------------------------------------------------------------------------
+
+
+def test_not_hdf5_other_version_and_missing_modality(artifact: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.h5"
+    junk.write_text("hello")
+    assert "not an HDF5 file" in _one_clear_line(_fit(junk, tmp_path, "-m", "t1n"))
+    other = tmp_path / "other.h5"
+    shutil.copy(artifact, other)
+    with h5py.File(other, "r+") as f:
+        f.attrs["format_version"] = 2
+    assert "format_version 2" in _one_clear_line(_fit(other, tmp_path, "-m", "t1n"))
+    fewer = tmp_path / "fewer.h5"
+    shutil.copy(artifact, fewer)
+    with h5py.File(fewer, "r+") as f:
+        del f["t1c"]
+        f.attrs["modalities"] = json.dumps(["t1n", "t2w", "t2f"])
+    assert "no modality t1c" in _one_clear_line(_fit(fewer, tmp_path, "-m", "t1ce"))
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = [1]
+    assert "not a brats2d artifact" in _one_clear_line(_fit(plain, tmp_path, "-m", "t1n"))
+
+
+def test_empty_split_and_oversized_batch(artifact: Path, tmp_path: Path) -> None:
+    no_val = tmp_path / "noval.h5"
+    shutil.copy(artifact, no_val)
+    with h5py.File(no_val, "r+") as f:
+        del f["split/val"]
+        f["split/val"] = np.zeros(0, dtype=np.int64)
+    assert "val split has no rows" in _one_clear_line(_fit(no_val, tmp_path, "-m", "t1n"))
+    args = [a if a != "3" else "64" for a in FAST]
+    result = CliRunner().invoke(main, ["fit", str(artifact), "--out", str(tmp_path), *args, "-m", "t1n"])
+    assert "larger than the train split" in _one_clear_line(result)
+
+
+def test_unknown_names_list_the_valid_ones(artifact: Path, tmp_path: Path) -> None:
+    result = _fit(artifact, tmp_path, "-m", "t1n", "--arch", "transformer9000")
+    line = _one_clear_line(result)
+    assert "unknown architecture" in line and "unet" in line and "deeplabv3plus" in line
+    result = CliRunner().invoke(main, ["fit", str(artifact), "-m", "pd"])
+    assert result.exit_code == 2 and "t1n" in result.output and "flair" in result.output
+
+
+def test_weights_that_cannot_be_fetched(artifact: Path, tmp_path: Path, monkeypatch) -> None:
+    import segmentation_models_pytorch as smp
+
+    def offline(*args, **kwargs):
+        if kwargs.get("encoder_weights"):
+            raise OSError("[Errno -2] Name or service not known")
+        return real(*args, **kwargs)
+
+    real = smp.create_model
+    monkeypatch.setattr(smp, "create_model", offline)
+    args = [a if a != "none" else "imagenet" for a in FAST]
+    result = CliRunner().invoke(main, ["fit", str(artifact), "--out", str(tmp_path), *args, "-m", "t1n"])
+    line = _one_clear_line(result)
+    assert "could not fetch imagenet weights" in line and "--encoder-weights none" in line
+
+
+def test_damaged_chunk_is_reported_not_raised(artifact: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(artifact, damaged)
+    with h5py.File(damaged) as f:
+        train_rows = f["split/train"][()]
+        chunks = [f["t2w"].id.get_chunk_info(i) for i in range(f["t2w"].id.get_num_chunks())]
+    target = next(c for c in chunks if c.chunk_offset[0] in train_rows)
+    with open(damaged, "r+b") as handle:
+        handle.seek(target.byte_offset + target.size // 2)
+        handle.write(b"\x00\xff\x00\xff")
+    line = _one_clear_line(_fit(damaged, tmp_path / "runs", "-m", "t2w", "--epochs", "1"))
+    assert "brats-build verify" in line
