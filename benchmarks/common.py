@@ -93,3 +93,40 @@ def tree_peak_rss_mb(code: str) -> float:
 
 def report(name: str, value: float, target: str, ok: bool) -> None:
     print(f"{name:<58} {value:8.2f}  (target {target}) {'PASS' if ok else 'FAIL'}", flush=True)
+
+
+def replicated_artifact(rows: int, name: str, source_cases: int = 200) -> Path:
+    """An artifact of ``rows`` rows in format v1, made by repeating the rows of a real build of
+    ``source_cases`` synthetic cases (so size-dependent costs can be measured without generating 20,000
+    cases). Each repeat gets its own case ids; splits are 90/5/5 by case like a real build."""
+    import h5py
+    import hdf5plugin  # noqa: F401
+    import numpy as np
+
+    from builder.build import BuildOptions, build
+    from builder.extract import CaseRows
+    from builder.format import MODALITIES
+    from builder.split import split_cases, split_rows
+    from builder.writer import ArtifactWriter
+
+    out = CACHE / f"{name}.h5"
+    if out.is_file():
+        return out
+    base = CACHE / f"base{source_cases}.h5"
+    if not base.is_file():
+        build(synthetic_cases(source_cases), base, BuildOptions(progress=False))
+    with h5py.File(base) as f:
+        data = {m: f[m][()] for m in (*MODALITIES, "seg")}
+        ids = f["case_id"].asstr()[()]
+        attrs = dict(f.attrs)
+    with ArtifactWriter(out) as writer:
+        writer.create(data["seg"].shape[1:], {m: data[m].dtype.str for m in MODALITIES})
+        for i in range(rows):
+            j = i % len(ids)
+            writer.append(CaseRows(f"{ids[j]}-r{i // len(ids)}", np.array([80], np.int32), data["seg"][j : j + 1],
+                                   {m: data[m][j : j + 1] for m in MODALITIES}))
+        cases = sorted(set(writer.case_ids))
+        splits = split_rows(writer.case_ids, split_cases(cases, 0, 0.05, 0.05))
+        writer.finish(splits, {**{k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()},
+                               "cases_written": len(cases), "cases_scanned": len(cases)})
+    return out

@@ -268,3 +268,18 @@ def test_verify_catches_overlapping_splits(artifact: Path, tmp_path: Path) -> No
     result = _run("verify", str(bad))
     assert result.exit_code == 1 and "cover every row" in result.output and "share cases" in result.output
     assert len(val) > 0
+
+
+def test_dask_backend_builds_the_same_file(cases_dir: Path, artifact: Path, tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    out = tmp_path / "dask.h5"
+    build(cases_dir, out, BuildOptions(jobs=2, backend="dask", val_fraction=0.25, test_fraction=0.25, progress=False))
+    a, b = _datasets(out), _datasets(artifact)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_unreachable_dask_scheduler_is_one_line(cases_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    result = _run("build", str(cases_dir), str(tmp_path / "x.h5"), "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9")
+    assert "cannot reach the Dask scheduler" in _one_clear_line(result)
+    assert not (tmp_path / "x.h5").exists()

@@ -121,3 +121,37 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, device: str, 
     shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
     click.echo(f"{run_dir} on {split} ({result['slices']} slices): {shown}")
     click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@fit_options
+@click.option("--out", default=Path("runs/compare"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--reuse", is_flag=True, help="Keep runs already finished in --out instead of training them again.")
+@one_line_errors
+def compare(data: Path, out: Path, reuse: bool, **options: Any) -> None:
+    """Train t1n, t1c, t2w, t2f and all four (early fusion) alike, fuse the four late (vote and mean),
+    and score all seven on the test split: comparison.md/.csv/.png/.gif in --out."""
+    from trainer.compare import compare as run_compare
+
+    run_compare(make_config(data, "all", out, **options), out, reuse)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("case_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for <case>-seg.nii.gz.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--checkpoint", default="best.pt", show_default=True)
+@one_line_errors
+def predict(run_dir: Path, case_dirs: tuple[Path, ...], out: Path, device: str, checkpoint: str) -> None:
+    """Segment every axial slice of new cases (CASE_DIRS: BraTS case folders) with the model in RUN_DIR.
+
+    Writes <case>-seg.nii.gz with the source affine and header and BraTS label values (opens in ITK-SNAP or
+    3D Slicer over the images). Cases with a -seg file also get their whole-volume 3D Dice per region.
+    """
+    from trainer.predict import predict_cases
+
+    for report in predict_cases(run_dir, list(case_dirs), out, device, checkpoint):
+        dice = " ".join(f"{k[5:]} {v:.3f}" for k, v in report.items() if k.startswith("dice_"))
+        click.echo(f"{report['case_id']}: wrote {report['output']}" + (f"; 3D Dice {dice}" if dice else ""))

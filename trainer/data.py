@@ -147,7 +147,11 @@ def make_loader(
     world_size: int = 1,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader over ``dataset``: shuffled by epoch for training (``set_epoch``), sharded across ranks."""
+    """A DataLoader over ``dataset``: shuffled by epoch for training (``set_epoch``), sharded across ranks.
+
+    Training drops the last incomplete batch (a different few rows each epoch): one batch shape means no
+    recompilation under torch.compile and no BatchNorm step on a batch of one.
+    """
     if train:
         sampler: Sampler[int] = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
     else:
@@ -158,6 +162,7 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
+        drop_last=train,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
@@ -187,11 +192,12 @@ class DeviceCache:
         )
 
     def __len__(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)
+        whole, rest = divmod(len(self.sampler), self.batch_size)
+        return whole + (1 if rest and not self.train else 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = torch.tensor(list(self.sampler), dtype=torch.long)
-        for start in range(0, len(order), self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):  # like make_loader: drop_last in training
             index = order[start : start + self.batch_size]
             on_device = index.to(self.images.device)
             yield self.images[on_device], self.labels[on_device], self.rows[index]

@@ -34,7 +34,7 @@ def region_masks(labels: torch.Tensor, task: str) -> torch.Tensor:
 def region_dice(pred: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
     """(B, R) Dice of each region per slice; 1 where the region is absent from both."""
     tp, fp, fn, tn = smp.metrics.get_stats(region_masks(pred, task), region_masks(target, task), mode="multilabel")
-    return smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
+    return smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0).to(pred.device)
 
 
 class SegmentationMetrics:
@@ -48,15 +48,22 @@ class SegmentationMetrics:
         self.sums = torch.zeros(7 + 3 * classes + len(self.regions), dtype=torch.float64, device=device)
         self.per_slice: list[dict[str, float]] | None = [] if keep_per_slice else None
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor, loss: float | None = None,
+    def update(self, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor | float | None = None,
                rows: torch.Tensor | None = None) -> None:
         """Add a batch: logits (B, C, H, W) already cropped to the stored size, target (B, H, W) class indices."""
+        self.update_probabilities(logits.detach().float().softmax(1), target, loss, rows)
+
+    def update_probabilities(self, probs: torch.Tensor, target: torch.Tensor,
+                             loss: torch.Tensor | float | None = None, rows: torch.Tensor | None = None) -> None:
+        """Add a batch of class probabilities (B, C, H, W): how fused predictions are scored like models."""
         with torch.no_grad():
-            logits = logits.float()
+            probs = probs.float()
             batch = target.shape[0]
-            pred = logits.argmax(1)
-            tp, fp, fn, _ = smp.metrics.get_stats(pred, target, mode="multiclass", num_classes=self.classes)
-            probs = logits.softmax(1)
+            pred = probs.argmax(1)
+            tp, fp, fn, _ = (
+                t.to(probs.device)  # smp builds the multiclass counts on the CPU
+                for t in smp.metrics.get_stats(pred, target, mode="multiclass", num_classes=self.classes)
+            )
             onehot = F.one_hot(target, self.classes).permute(0, 3, 1, 2).float()
             dice = region_dice(pred, target, self.task)
             c = self.classes

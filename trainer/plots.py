@@ -77,3 +77,50 @@ def plot_samples(checkpoint: Path, artifact, batches, path: Path, count: int = 4
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _case_panels(axes, artifact, row: int, seg: np.ndarray, predictions: dict[str, np.ndarray], images: dict) -> None:
+    from builder.format import MODALITIES
+
+    base = images["t2f"]
+    for ax, modality in zip(axes, MODALITIES):
+        show_slice(ax, images[modality], None, modality)
+    show_slice(axes[4], base, seg, f"truth\n{artifact.case_ids[row]}")
+    for ax, (name, labels) in zip(axes[5:], predictions.items()):
+        show_slice(ax, base, labels, name)
+
+
+def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, probabilities: dict[str, torch.Tensor], task: str,
+                    out: Path, cases_in_png: int = 4, frames: int = 24) -> None:
+    """comparison.png (a few test cases, every approach) and comparison.gif (one test case per frame)."""
+    import h5py
+    from PIL import Image
+
+    from builder.format import MODALITIES
+
+    shown = range(min(len(rows), frames))
+    with h5py.File(artifact.path, "r") as f:
+        images = [{m: f[m][int(rows[i])] for m in MODALITIES} for i in shown]
+    scale = 2 if task == "binary" else 1  # binary: draw the whole tumour in the oedema colour
+    labels = {name: p[: len(shown)].float().argmax(1).numpy() * scale for name, p in probabilities.items()}
+    truth = seg[: len(shown)] if task == "multiclass" else (seg[: len(shown)] > 0) * 2
+    panels = 5 + len(labels)
+    count = min(cases_in_png, len(shown))
+    fig, axes = plt.subplots(count, panels, figsize=(1.45 * panels, 1.6 * count), squeeze=False)
+    for i in range(count):
+        _case_panels(axes[i], artifact, int(rows[i]), truth[i], {k: v[i] for k, v in labels.items()}, images[i])
+    fig.suptitle("test cases: the four modalities, the truth, each approach (red NCR, green ED, yellow ET)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=90)
+    plt.close(fig)
+    pictures = []
+    for i in shown:
+        fig, axes = plt.subplots(2, (panels + 1) // 2, figsize=(1.6 * ((panels + 1) // 2), 3.6), squeeze=False)
+        for ax in axes.flat[panels:]:
+            ax.axis("off")
+        _case_panels(list(axes.flat), artifact, int(rows[i]), truth[i], {k: v[i] for k, v in labels.items()}, images[i])
+        fig.tight_layout()
+        fig.canvas.draw()
+        pictures.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
+        plt.close(fig)
+    pictures[0].save(out / "comparison.gif", save_all=True, append_images=pictures[1:], duration=1200, loop=0)

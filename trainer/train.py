@@ -188,7 +188,7 @@ def evaluate(model: nn.Module, source: Iterable, batches: Batches, amp_dtype: to
     metrics = SegmentationMetrics(config.classes, config.task, batches.device, keep_per_slice)
     loss_fn = make_loss(config.loss).to(batches.device)
     model.eval()
-    with torch.no_grad(), _autocast(batches.device, amp_dtype):
+    with torch.no_grad(), autocast_context(batches.device, amp_dtype):
         for images, labels, rows in source:
             inputs, target = batches.inputs(images, labels)
             logits = batches.crop(model(inputs), target).float()
@@ -196,7 +196,8 @@ def evaluate(model: nn.Module, source: Iterable, batches: Batches, amp_dtype: to
     return metrics
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on the device, or nothing when mixed precision is off."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -237,17 +238,20 @@ class History:
             writer.writerows(self.rows)
 
 
-def fit(config: FitConfig, resume: Path | None = None) -> Path:
-    """Train as configured (or continue the run in ``resume``); returns the run directory."""
+def fit(config: FitConfig, resume: Path | None = None, run_dir: Path | None = None) -> Path:
+    """Train as configured (or continue the run in ``resume``); returns the run directory.
+
+    ``run_dir`` names the (new, empty) run folder; by default it is ``<out>/<name or modality>-<time>``.
+    """
     device = resolve_device(config.device)
     world = init_world(device.type)
     try:
-        return _fit(config, device, world, resume)
+        return _fit(config, device, world, resume, run_dir)
     finally:
         shutdown(world)
 
 
-def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | None) -> Path:
+def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | None, run_dir: Path | None) -> Path:
     artifact = Artifact.open(config.data)
     artifact.require(config.channels)
     train_rows = artifact.rows_of("train")
@@ -266,7 +270,12 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
     state = {"epoch": -1, "step": 0, "best_score": -math.inf, "bad_epochs": 0}
 
     if world.is_main:
-        run_dir = resume if resume is not None else _new_run_dir(config)
+        if resume is not None:
+            run_dir = resume
+        elif run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = _new_run_dir(config)
     run_dir = Path(broadcast_object(str(run_dir) if world.is_main else None, world))  # type: ignore[arg-type]
     history = History(run_dir / "metrics.csv")
     if resume is not None:
@@ -310,7 +319,7 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
                    disable=None if world.is_main else True, dynamic_ncols=True)
         for images, labels, rows in bar:
             inputs, target = batches.inputs(images, labels, generator)
-            with _autocast(device, amp_dtype):
+            with autocast_context(device, amp_dtype):
                 logits = batches.crop(network(inputs), target)
                 loss = loss_fn(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,122 @@
+"""Late fusion by hand, the comparison table end to end, and predictions written as BraTS NIfTI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trainer.cli import main
+from trainer.compare import bootstrap_interval
+from trainer.fusion import mean_probabilities, vote
+
+FAST = ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "3", "--workers", "0",
+        "--crop", "64", "--device", "cpu"]
+
+
+def test_vote_by_hand_with_double_vote_and_tie() -> None:
+    # Four 3x3 label maps; model 1 (t1c) is the best single model and counts twice.
+    t1n = torch.tensor([[0, 2, 2], [1, 1, 0], [3, 0, 2]])
+    t1c = torch.tensor([[0, 3, 1], [1, 2, 0], [3, 3, 1]])
+    t2w = torch.tensor([[0, 2, 2], [2, 2, 0], [1, 0, 3]])
+    t2f = torch.tensor([[1, 2, 3], [2, 0, 0], [2, 0, 2]])
+    fused = vote([m[None] for m in (t1n, t1c, t2w, t2f)], best=1, classes=4)[0]
+    # votes per pixel (t1n, t1c x2, t2w, t2f):
+    # (0,1) 2,3,2,2: label 2 has 3 votes against 3's 2 -> 2, the best model outvoted
+    # (0,2) 2,1,2,3: 2 and 1 both have 2 votes -> tie -> the best model's 1
+    # (1,1) 1,2,2,0: 2 has 3 -> 2;  (2,1) 0,3,0,0: 0 has 3, the double vote for 3 loses -> 0
+    # (2,2) 2,1,3,2: 2 and 1 tie at 2 -> 1
+    expected = torch.tensor([[0, 2, 1], [1, 2, 0], [3, 0, 1]])
+    assert torch.equal(fused, expected)
+
+
+def test_mean_of_probabilities() -> None:
+    a = torch.tensor([[[[0.9]], [[0.1]]]])
+    b = torch.tensor([[[[0.3]], [[0.7]]]])
+    assert torch.allclose(mean_probabilities([a, b]), torch.tensor([[[[0.6]], [[0.4]]]]))
+
+
+def test_bootstrap_interval_brackets_the_mean() -> None:
+    values = np.random.default_rng(0).uniform(0.5, 0.9, 40)
+    low, high = bootstrap_interval(values)
+    assert low < values.mean() < high and high - low < 0.2
+    assert bootstrap_interval(np.full(10, 0.7)) == pytest.approx((0.7, 0.7))
+
+
+def test_compare_writes_table_pictures_and_reuses_runs(artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", str(artifact), "--out", str(out), *FAST, "--epochs", "1", "--max-steps", "2"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for name in ("comparison.csv", "comparison.md", "comparison.png", "comparison.gif", "comparison_cases.csv"):
+        assert (out / name).is_file(), name
+    with open(out / "comparison.csv") as handle:
+        rows = {r["approach"]: r for r in csv.DictReader(handle)}
+    assert list(rows) == ["t1n", "t1c", "t2w", "t2f", "all", "vote", "mean"]
+    for name, row in rows.items():
+        assert 0 <= float(row["pixel_accuracy"]) <= 1 and 0 <= float(row["dice_mean"]) <= 1
+        assert float(row["dice_mean_ci_low"]) <= float(row["dice_mean"]) + 1e-9 <= float(row["dice_mean_ci_high"]) + 2e-9
+        assert (row["loss"] == "nan") == (name in ("vote", "mean"))
+    # each single model's row is exactly what evaluating its run on the test split gives
+    evaluated = CliRunner().invoke(main, ["evaluate", str(out / "t1c"), "--device", "cpu"])
+    assert evaluated.exit_code == 0
+    metrics = json.loads((out / "t1c" / "test_metrics.json").read_text())
+    assert float(rows["t1c"]["dice_mean"]) == pytest.approx(metrics["dice_mean"], abs=1e-6)
+    assert int(rows["all"]["parameters"]) > int(rows["t1n"]["parameters"])  # 4 input channels
+    table = (out / "comparison.md").read_text()
+    assert "late fusion, vote" in table and "not comparable" in table
+    with open(out / "comparison_cases.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 7 * 3  # seven approaches x three test cases
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "--reuse" in again.output
+    reused = CliRunner().invoke(main, [*args, "--reuse"])
+    assert reused.exit_code == 0 and reused.output.count("reusing") == 5
+
+
+@pytest.fixture(scope="module")
+def small_run(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(main, ["fit", str(artifact), "-m", "all", "--out", str(out), *FAST, "--epochs", "1",
+                                       "--max-steps", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return next(out.iterdir())
+
+
+def test_predict_writes_a_seg_nifti_matching_the_source(small_run: Path, cases_dir: Path, tmp_path: Path) -> None:
+    case = cases_dir / "BraTS-GLI-00003-000"
+    result = CliRunner().invoke(main, ["predict", str(small_run), str(case), "--out", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    written = nib.load(tmp_path / "BraTS-GLI-00003-000-seg.nii.gz")
+    source = nib.load(case / "BraTS-GLI-00003-000-t2f.nii.gz")
+    assert written.shape == source.shape
+    assert np.array_equal(written.affine, source.affine)
+    assert written.header.get_data_dtype() == np.uint8
+    assert np.allclose(written.header.get_zooms(), source.header.get_zooms())
+    assert written.header["qform_code"] == source.header["qform_code"]
+    assert set(np.unique(np.asanyarray(written.dataobj))) <= {0, 1, 2, 3}
+    assert "3D Dice" in result.output
+    with open(tmp_path / "predict_dice.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert 0 <= float(row["dice_WT"]) <= 1
+
+
+def test_predict_errors_leave_no_partial_output(small_run: Path, cases_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "in" / "BraTS-GLI-00004-000"
+    shutil.copytree(cases_dir / "BraTS-GLI-00004-000", broken)
+    (broken / "BraTS-GLI-00004-000-t1c.nii.gz").unlink()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["predict", str(small_run), str(broken), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 1 and "missing BraTS-GLI-00004-000-t1c.nii.gz" in result.output
+    assert not any(out.glob("*.nii.gz")) if out.exists() else True
+    empty = tmp_path / "norun"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["predict", str(empty), str(broken), "--out", str(out)])
+    assert result.exit_code == 1 and "no checkpoint" in result.output
