@@ -15,7 +15,10 @@ ARGS ?=
 
 DEMO_DIR ?= datasets/synthetic
 DEMO_DATA ?= datasets/demo.h5
-DEMO_CASES ?= 80
+DEMO_CASES ?= 120
+DEMO_ARGS ?= --epochs 6 --batch-size 8 --crop 128 --workers 1 --encoder resnet18 --encoder-weights none
+# train/compare use the real dataset when it was built, else the demo's
+TRAIN_DATA ?= $(if $(wildcard $(DATA)),$(DATA),$(DEMO_DATA))
 
 .PHONY: setup dataset demo train compare test bench clean
 
@@ -43,16 +46,17 @@ $(DEMO_DATA): | setup
 	$(VENV)/bin/brats-build build $(DEMO_DIR) $(DEMO_DATA) --jobs $(JOBS) --val-fraction 0.15 --test-fraction 0.15
 
 demo: setup $(DEMO_DATA)
-	$(VENV)/bin/brats-train compare $(DEMO_DATA) --out runs/demo --epochs 4 --encoder resnet18 --encoder-weights none $(ARGS)
+	$(VENV)/bin/brats-train compare $(DEMO_DATA) --out runs/demo --reuse $(DEMO_ARGS) $(ARGS)
 
 train: setup
+	@echo "training on $(TRAIN_DATA)"
 	@if [ "$(NPROC)" -gt 1 ]; then \
-	  $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer fit $(DATA) --modality $(MODALITY) $(ARGS); \
+	  $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer fit $(TRAIN_DATA) --modality $(MODALITY) $(ARGS); \
 	else \
-	  $(VENV)/bin/brats-train fit $(DATA) --modality $(MODALITY) $(ARGS); fi
+	  $(VENV)/bin/brats-train fit $(TRAIN_DATA) --modality $(MODALITY) $(ARGS); fi
 
 compare: setup
-	$(VENV)/bin/brats-train compare $(DATA) $(ARGS)
+	$(VENV)/bin/brats-train compare $(TRAIN_DATA) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -283,3 +283,18 @@ def test_unreachable_dask_scheduler_is_one_line(cases_dir: Path, tmp_path: Path)
     result = _run("build", str(cases_dir), str(tmp_path / "x.h5"), "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9")
     assert "cannot reach the Dask scheduler" in _one_clear_line(result)
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_every_tumour_slice_with_a_minimum(cases_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "two"
+    for case in sorted(cases_dir.iterdir())[:2]:
+        (source / case.name).parent.mkdir(parents=True, exist_ok=True)
+        (source / case.name).symlink_to(case, target_is_directory=True)
+    out = tmp_path / "all.h5"
+    build(source, out, BuildOptions(jobs=1, rule=SliceRule(per_case=None, min_tumour_voxels=50), progress=False))
+    with h5py.File(out) as f:
+        cases, slices = f["case_id"].asstr()[()], f["slice_index"][()]
+        assert f.attrs["slices_per_case"] == "all" and f.attrs["min_tumour_voxels"] == 50
+    for case in sorted(set(cases)):
+        counts = np.count_nonzero(_nib(cases_dir / case, "seg"), axis=(0, 1))
+        np.testing.assert_array_equal(slices[cases == case], np.flatnonzero(counts >= 50))

@@ -19,7 +19,7 @@ def test_ranks_get_disjoint_rows_that_cover_the_split(artifact: Path) -> None:
     rows = Artifact.open(artifact).splits["train"]
     seen = []
     for rank in (0, 1):
-        loader = make_loader(SliceDataset(artifact, rows, ["t1n"]), 2, True, 0, seed=0, rank=rank, world_size=2)
+        loader = make_loader(SliceDataset(artifact, rows, ["t1n"]), 3, True, 0, seed=0, rank=rank, world_size=2)
         loader.sampler.set_epoch(3)
         seen.append({int(r) for _, _, batch in loader for r in batch})
     assert not (seen[0] & seen[1])

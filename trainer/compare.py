@@ -21,7 +21,7 @@ from trainer.fusion import mean_probabilities, vote
 from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model
 from trainer.train import (Batches, FitConfig, FitError, autocast_context, autocast_dtype, fit, make_loss,
-                           resolve_device)
+                           per_slice_loss, resolve_device)
 
 APPROACHES = (*MODALITIES, "all")
 LABELS = {"t1n": "T1 native", "t1c": "T1 contrast", "t2w": "T2", "t2f": "FLAIR", "all": "early fusion (4 channels)",
@@ -72,7 +72,7 @@ def _predict(run_dir: Path, artifact: Artifact, rows: np.ndarray, device: torch.
         for images, labels, batch_rows in loader:
             inputs, target = batches.inputs(images, labels)
             logits = batches.crop(model(inputs), target).float()
-            metrics.update(logits, target, loss_fn(logits, target), batch_rows)
+            metrics.update(logits, target, per_slice_loss(loss_fn, logits, target), batch_rows)
             chunks.append(logits.softmax(1).half().cpu())
     return torch.cat(chunks), metrics, config, model
 

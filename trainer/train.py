@@ -181,6 +181,12 @@ def choose_cache(config: FitConfig, artifact: Artifact, device: torch.device) ->
     return needed < DEVICE_CACHE_SHARE * free
 
 
+def per_slice_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean over slices of each slice's loss: unlike a batch's Dice loss, independent of how slices are
+    batched or sharded, so evaluation gives the same number in one process or across ranks."""
+    return torch.stack([loss_fn(logits[i : i + 1], target[i : i + 1]) for i in range(len(target))]).mean()
+
+
 def evaluate(model: nn.Module, source: Iterable, batches: Batches, amp_dtype: torch.dtype | None,
              keep_per_slice: bool = False) -> SegmentationMetrics:
     """Metrics of ``model`` over ``source`` (this rank's share; call ``all_reduce`` for the whole split)."""
@@ -192,7 +198,7 @@ def evaluate(model: nn.Module, source: Iterable, batches: Batches, amp_dtype: to
         for images, labels, rows in source:
             inputs, target = batches.inputs(images, labels)
             logits = batches.crop(model(inputs), target).float()
-            metrics.update(logits, target, loss_fn(logits, target).detach(), rows)
+            metrics.update(logits, target, per_slice_loss(loss_fn, logits, target), rows)
     return metrics
 
 

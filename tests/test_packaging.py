@@ -1,0 +1,35 @@
+"""The builder installs without torch and the trainer without nibabel or joblib: check what each imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from click.testing import CliRunner
+
+
+def _imported_after(statement: str) -> set[str]:
+    code = f"import sys\n{statement}\nprint(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(done.stdout.split())
+
+
+def test_builder_does_not_import_torch() -> None:
+    modules = _imported_after("import builder.cli, builder.build, builder.synth, builder.inspect")
+    assert "torch" not in modules and "nibabel" in modules
+
+
+def test_trainer_does_not_import_nibabel_or_joblib() -> None:
+    modules = _imported_after("import trainer.cli, trainer.train, trainer.data, trainer.evaluate, trainer.compare")
+    assert "torch" in modules
+    assert "nibabel" not in modules and "joblib" not in modules
+
+
+@pytest.mark.parametrize("group", ["builder.cli", "trainer.cli"])
+def test_every_command_explains_itself(group: str) -> None:
+    main = __import__(group, fromlist=["main"]).main
+    for name, command in main.commands.items():
+        result = CliRunner().invoke(main, [name, "--help"])
+        assert result.exit_code == 0 and len(command.help or "") > 20, name
