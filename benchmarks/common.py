@@ -95,10 +95,10 @@ def report(name: str, value: float, target: str, ok: bool) -> None:
     print(f"{name:<58} {value:8.2f}  (target {target}) {'PASS' if ok else 'FAIL'}", flush=True)
 
 
-def replicated_artifact(rows: int, name: str, source_cases: int = 200) -> Path:
+def replicated_artifact(rows: int, name: str, source_cases: int = 200, val_fraction: float = 0.05) -> Path:
     """An artifact of ``rows`` rows in format v1, made by repeating the rows of a real build of
     ``source_cases`` synthetic cases (so size-dependent costs can be measured without generating 20,000
-    cases). Each repeat gets its own case ids; splits are 90/5/5 by case like a real build."""
+    cases). Each repeat gets its own case ids; splits are by case like a real build (90/5/5 by default)."""
     import h5py
     import hdf5plugin  # noqa: F401
     import numpy as np
@@ -126,7 +126,7 @@ def replicated_artifact(rows: int, name: str, source_cases: int = 200) -> Path:
             writer.append(CaseRows(f"{ids[j]}-r{i // len(ids)}", np.array([80], np.int32), data["seg"][j : j + 1],
                                    {m: data[m][j : j + 1] for m in MODALITIES}))
         cases = sorted(set(writer.case_ids))
-        splits = split_rows(writer.case_ids, split_cases(cases, 0, 0.05, 0.05))
+        splits = split_rows(writer.case_ids, split_cases(cases, 0, val_fraction, 0.05))
         writer.finish(splits, {**{k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()},
                                "cases_written": len(cases), "cases_scanned": len(cases)})
     return out

@@ -89,7 +89,7 @@ def make_config(data: Path, modality: str, out: Path, **options: Any) -> FitConf
 @click.option("--out", default=Path("runs"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default=None, help="Run folder prefix (default: the modality).")
 @click.option("--resume", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Continue the run in this folder from its last.pt (its saved options win).")
+              help="Continue the run in this folder from its last.pt, with its saved options (DATA may have moved).")
 @one_line_errors
 def fit(data: Path, modality: str | None, out: Path, name: str | None, resume: Path | None, **options: Any) -> None:
     """Train one model on DATA (an .h5 file from brats-build) and leave a run folder under --out."""
@@ -97,7 +97,7 @@ def fit(data: Path, modality: str | None, out: Path, name: str | None, resume: P
     from trainer.train import fit as run_fit
 
     if resume is not None:
-        config = FitConfig.from_dict(read_checkpoint(resume / "last.pt")["config"])
+        config = FitConfig.from_dict({**read_checkpoint(resume / "last.pt")["config"], "data": str(data)})
     else:
         if modality is None:
             raise click.UsageError("--modality is required (t1n, t1c, t2w, t2f, their aliases, or all)")

@@ -97,30 +97,31 @@ class SliceDataset(Dataset):
         self.path = str(path)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.channels = tuple(channels)
-        self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] | None = None
         self._pid = -1
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _open(self) -> h5py.File:
-        if self._file is None or self._pid != os.getpid():  # a forked worker must not share the parent's handle
+    def _open(self) -> dict[str, h5py.Dataset]:
+        if self._datasets is None or self._pid != os.getpid():  # a forked worker must not share the parent's handle
             # rdcc_nbytes=0: each row is one whole chunk, so a chunk cache only costs copies and memory.
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=0)
+            f = h5py.File(self.path, "r", rdcc_nbytes=0)
+            self._datasets = {name: f[name] for name in (*self.channels, SEG)}  # looked up once, not per row
             self._pid = os.getpid()
-        return self._file
+        return self._datasets
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        f = self._open()
+        datasets = self._open()
         row = int(self.rows[index])
-        image = np.stack([f[c][row] for c in self.channels])  # one chunk read per channel, never fancy indexing
+        image = np.stack([datasets[c][row] for c in self.channels])  # one chunk per channel, never fancy indexing
         if image.dtype in _TORCH_UNSUPPORTED:
             image = image.astype(np.float32)
-        return torch.from_numpy(image), torch.from_numpy(f[SEG][row]), row
+        return torch.from_numpy(image), torch.from_numpy(datasets[SEG][row]), row
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_file"], state["_pid"] = None, -1  # h5py handles cannot be pickled (spawn/forkserver workers)
+        state["_datasets"], state["_pid"] = None, -1  # h5py handles cannot be pickled (spawn/forkserver workers)
         return state
 
 

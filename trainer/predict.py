@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from builder.format import REGIONS, SEG
 from builder.layout import find_cases
 from trainer.metrics import region_masks
-from trainer.model import ModelError, load_model
+from trainer.model import load_model
 from trainer.train import Batches, FitConfig, FitError, autocast_context, autocast_dtype, resolve_device
 
 #: Binary (whole tumour) models write this label: the oedema value, the largest part of most tumours.
@@ -110,5 +110,3 @@ def predict_cases(run_dir: Path, case_dirs: list[Path], out: Path, device_name: 
             writer.writerows(reports)
     return reports
 
-
-__all__ = ["predict_cases", "predict_volume", "dice_3d", "ModelError"]

@@ -21,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from builder.format import MODALITIES, canonical_modality
-from trainer.data import Artifact, ArtifactError, DeviceCache, SliceDataset, make_loader
+from trainer.data import Artifact, DeviceCache, SliceDataset, make_loader
 from trainer.distributed import World, barrier, broadcast_object, init_world, shutdown
 from trainer.metrics import SegmentationMetrics
-from trainer.model import ModelError, build_model, read_checkpoint, save_checkpoint
+from trainer.model import build_model, read_checkpoint, save_checkpoint
 from trainer.transforms import NORMALISATIONS, augment, crop, normalise, pad, padding_for, random_crop
 
 LOSSES = ("ce+dice", "ce", "dice", "focal+dice")
@@ -103,25 +103,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class SummedLoss(nn.Module):
+    """The sum of several losses on the same logits and targets."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.stack([part(logits, target) for part in self.parts]).sum()
+
+
 def make_loss(name: str) -> nn.Module:
-    """Cross-entropy and/or smp's Dice (or focal) loss on logits, summed."""
-    parts: list[nn.Module] = []
-    if "ce" in name.split("+"):
-        parts.append(nn.CrossEntropyLoss())
-    if "focal" in name.split("+"):
-        parts.append(smp.losses.FocalLoss(mode="multiclass"))
-    if "dice" in name.split("+"):
-        parts.append(smp.losses.DiceLoss(mode="multiclass", from_logits=True))
-
-    class Sum(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.parts = nn.ModuleList(parts)
-
-        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return sum(part(logits, target) for part in self.parts)  # type: ignore[return-value]
-
-    return Sum()
+    """Cross-entropy (torch) and/or smp's focal and Dice losses on logits, summed: e.g. "ce+dice"."""
+    available = {
+        "ce": nn.CrossEntropyLoss,
+        "focal": lambda: smp.losses.FocalLoss(mode="multiclass"),
+        "dice": lambda: smp.losses.DiceLoss(mode="multiclass", from_logits=True),
+    }
+    return SummedLoss([available[part]() for part in name.split("+")])
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -394,5 +394,3 @@ def _plot_samples(run_dir: Path, artifact: Artifact, batches: Batches) -> None:
     if best.is_file():
         plot_samples(best, artifact, batches, run_dir / "samples.png")
 
-
-__all__ = ["FitConfig", "FitError", "fit", "evaluate", "ArtifactError", "ModelError"]
