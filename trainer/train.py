@@ -319,26 +319,8 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         torch.manual_seed(config.seed + epoch)
         train_source.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + epoch)
-        train_metrics = SegmentationMetrics(config.classes, config.task, device)
-        network.train()
-        bar = tqdm(train_source, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-                   disable=None if world.is_main else True, dynamic_ncols=True)
-        for images, labels, rows in bar:
-            inputs, target = batches.inputs(images, labels, generator)
-            with autocast_context(device, amp_dtype):
-                logits = batches.crop(network(inputs), target)
-                loss = loss_fn(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            train_metrics.update(logits.detach(), target, loss.detach())
-            state["step"] += 1
-            if state["step"] % 10 == 1:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if config.max_steps is not None and state["step"] >= config.max_steps:
-                break
-        bar.close()
+        train_metrics = _train_epoch(network, train_source, batches, loss_fn, optimizer, scaler, amp_dtype, generator,
+                                     state, f"epoch {epoch + 1}/{config.epochs}", world.is_main)
         train_metrics.all_reduce()
         val_metrics = evaluate(network, val_source, batches, amp_dtype)
         val_metrics.all_reduce()
@@ -366,6 +348,33 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         _plot_samples(run_dir, artifact, batches)
     barrier(world)
     return run_dir
+
+
+def _train_epoch(network: nn.Module, source: Iterable, batches: Batches, loss_fn: nn.Module,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
+                 generator: torch.Generator, state: dict[str, Any], desc: str, show: bool) -> SegmentationMetrics:
+    """One pass over the training batches (stops early at ``max_steps``); metrics of the inputs trained on."""
+    config = batches.config
+    metrics = SegmentationMetrics(config.classes, config.task, batches.device)
+    network.train()
+    bar = tqdm(source, desc=desc, unit="batch", leave=False, disable=None if show else True, dynamic_ncols=True)
+    for images, labels, _ in bar:
+        inputs, target = batches.inputs(images, labels, generator)
+        with autocast_context(batches.device, amp_dtype):
+            logits = batches.crop(network(inputs), target)
+            loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        metrics.update(logits.detach(), target, loss.detach())
+        state["step"] += 1
+        if state["step"] % 10 == 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")  # a device sync: only every tenth step
+        if config.max_steps is not None and state["step"] >= config.max_steps:
+            break
+    bar.close()
+    return metrics
 
 
 def _provenance(artifact: Artifact) -> dict[str, Any]:
