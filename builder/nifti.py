@@ -168,17 +168,17 @@ def _open(path: Path) -> _Stream:
     return _Stream(path)
 
 
-def read_raw_slices(path: Path, zs: Iterable[int], reuse: bool = False) -> tuple[np.ndarray, VolumeHeader]:
+def read_raw_slices(path: Path, zs: Iterable[int] | None, reuse: bool = False) -> tuple[np.ndarray, VolumeHeader]:
     """Unscaled axial slices as stored, one (k, Y, X) array (a Fortran-order slice is C-order (Y, X)).
 
-    Decodes the file only up to the end of the last wanted slice and keeps only the wanted slices. With
-    ``reuse`` the result lives in a per-process buffer that the next such call overwrites (a fresh 9-18 MB
-    array costs milliseconds of page faults): copy what you keep.
+    ``zs=None`` means every slice. Decodes the file only up to the end of the last wanted slice and keeps
+    only the wanted slices. With ``reuse`` the result lives in a per-process buffer that the next such call
+    overwrites (a fresh 9-18 MB array costs milliseconds of page faults): copy what you keep.
     """
-    wanted = sorted(zs)
     stream = _open(path)
     try:
         info = _parse_header(stream)
+        wanted = sorted(zs) if zs is not None else list(range(info.shape[2]))
         if wanted and not 0 <= wanted[0] <= wanted[-1] < info.shape[2]:
             raise NiftiReadError(f"{path}: slice {wanted[-1]} is outside the volume's {info.shape[2]} slices")
         x, y = info.slice_shape
@@ -200,7 +200,7 @@ def read_slices(path: Path, zs: Iterable[int]) -> tuple[np.ndarray, VolumeHeader
 
 def read_all_raw_slices(path: Path) -> tuple[np.ndarray, VolumeHeader]:
     """Every axial slice, unscaled, as (Z, Y, X), in the reused buffer: slice z transposed is ``vol[:, :, z]``."""
-    return read_raw_slices(path, range(read_header(path).shape[2]), reuse=True)
+    return read_raw_slices(path, None, reuse=True)
 
 
 _buffers: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
