@@ -18,7 +18,8 @@ from common import replicated_artifact  # noqa: E402
 
 from trainer.data import Artifact  # noqa: E402
 from trainer.model import build_model  # noqa: E402
-from trainer.train import Batches, FitConfig, autocast_context, autocast_dtype, fit, make_loss, make_source  # noqa: E402
+from trainer.train import (Batches, FitConfig, autocast_context, autocast_dtype, fit, make_loss,  # noqa: E402
+                           make_optimizer, make_source)
 from trainer.distributed import World  # noqa: E402
 
 BATCH, WARMUP, STEPS = 32, 8, 60
@@ -29,7 +30,7 @@ def images_per_second(config: FitConfig, artifact: Artifact, device: torch.devic
     model = build_model(config.arch, config.encoder, None, len(config.channels), config.classes).to(device)
     model = model.to(memory_format=torch.channels_last)
     network = torch.compile(model) if config.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model, config, device)
     amp = autocast_dtype(device, config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     loss_fn = make_loss(config.loss).to(device)
