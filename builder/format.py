@@ -3,6 +3,8 @@
 Standard library only: the trainer imports this module without needing nibabel or joblib.
 """
 
+import json
+
 FORMAT_VERSION = 1
 
 #: Canonical BraTS 2023 modality names, in the order the builder stores and early fusion stacks them.
@@ -37,3 +39,10 @@ def canonical_modality(name: str) -> str:
         valid = ", ".join(MODALITIES + tuple(MODALITY_ALIASES))
         raise ValueError(f"unknown modality {name!r}; valid names: {valid}")
     return key
+
+
+def decode_attribute(value: object) -> object:
+    """An HDF5 root attribute as Python: JSON text (lists, objects) parsed, numpy scalars made plain."""
+    if isinstance(value, str) and value[:1] in "[{":
+        return json.loads(value)
+    return value.item() if hasattr(value, "item") else value

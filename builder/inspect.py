@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter the datasets are compressed with)
 import numpy as np
 
-from builder.format import CASE_ID, FORMAT_VERSION, SEG, SLICE_INDEX, SPLIT_GROUP, SPLITS
+from builder.format import CASE_ID, FORMAT_VERSION, SEG, SLICE_INDEX, SPLIT_GROUP, SPLITS, decode_attribute
 
 _BLOCK = 256  # rows read at a time while verifying: bounded memory on any file size
 
@@ -26,10 +25,7 @@ class Report:
 
 
 def _attr(f: h5py.File, key: str) -> object:
-    value = f.attrs.get(key)
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return value.item() if isinstance(value, np.generic) else value
+    return decode_attribute(f.attrs.get(key))
 
 
 def describe(path: Path) -> str:

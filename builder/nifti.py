@@ -9,7 +9,7 @@ the wanted slices, drop every skipped piece at once, and stop right after the la
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from builder.format import MODALITIES
-from trainer.data import Artifact, SliceDataset, make_loader
-from trainer.evaluate import per_case
+from trainer.data import Artifact
+from trainer.evaluate import evaluate_rows, per_case
 from trainer.fusion import mean_probabilities, vote
 from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model
-from trainer.train import (Batches, FitConfig, FitError, autocast_context, autocast_dtype, fit, make_loss,
-                           per_slice_loss, resolve_device)
+from trainer.train import FitConfig, FitError, fit, resolve_device
 
 APPROACHES = (*MODALITIES, "all")
 LABELS = {"t1n": "T1 native", "t1c": "T1 contrast", "t2w": "T2", "t2f": "FLAIR", "all": "early fusion (4 channels)",
@@ -58,22 +57,11 @@ def train_all(base: FitConfig, out: Path, reuse: bool) -> dict[str, Path]:
 
 
 def _predict(run_dir: Path, artifact: Artifact, rows: np.ndarray, device: torch.device, workers: int) -> tuple:
-    """Test-split softmax maps (float16, CPU), per-slice metrics and the run's config."""
+    """Test-split softmax maps (float16, CPU), per-slice metrics, the run's config and its model."""
     model, saved = load_model(run_dir / "best.pt", device)
     config = FitConfig.from_dict({**saved, "data": str(artifact.path), "device": str(device)})
-    batches = Batches(config, artifact.slice_shape, device)
-    loader = make_loader(SliceDataset(artifact.path, rows, config.channels), config.batch_size, False, workers,
-                         config.seed, pin_memory=device.type == "cuda")
-    metrics = SegmentationMetrics(config.classes, config.task, device, keep_per_slice=True)
-    loss_fn = make_loss(config.loss).to(device)
-    amp = autocast_dtype(device, config.amp)
-    chunks = []
-    with torch.no_grad(), autocast_context(device, amp):
-        for images, labels, batch_rows in loader:
-            inputs, target = batches.inputs(images, labels)
-            logits = batches.crop(model(inputs), target).float()
-            metrics.update(logits, target, per_slice_loss(loss_fn, logits, target), batch_rows)
-            chunks.append(logits.softmax(1).half().cpu())
+    chunks: list[torch.Tensor] = []
+    metrics = evaluate_rows(model, config, artifact, rows, device, workers, chunks)
     return torch.cat(chunks), metrics, config, model
 
 

@@ -7,7 +7,6 @@ conversion to float and normalisation happen on the device (``trainer.transforms
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from builder.format import CASE_ID, FORMAT_VERSION, SEG, SLICE_INDEX, SPLIT_GROUP, SPLITS
+from builder.format import CASE_ID, FORMAT_VERSION, SEG, SLICE_INDEX, SPLIT_GROUP, SPLITS, decode_attribute
 
 #: Stored dtypes torch cannot hold are widened in the worker; the rest travel as stored.
 _TORCH_UNSUPPORTED = {np.dtype("uint16"), np.dtype("uint32"), np.dtype("uint64")}
@@ -60,7 +59,7 @@ class Artifact:
                     f"{path}: format_version {int(version)}, this trainer reads {FORMAT_VERSION}; "
                     "rebuild it with this version's `brats-build build`"
                 )
-            provenance = {key: _decode(value) for key, value in f.attrs.items()}
+            provenance = {key: decode_attribute(value) for key, value in f.attrs.items()}
             return cls(
                 path=path,
                 modalities=tuple(provenance.get("modalities", [])),
@@ -82,12 +81,6 @@ class Artifact:
         missing = [c for c in channels if c not in self.modalities]
         if missing:
             raise ArtifactError(f"{self.path}: no modality {', '.join(missing)} (it holds {', '.join(self.modalities)})")
-
-
-def _decode(value: object) -> object:
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return value.item() if isinstance(value, np.generic) else value
 
 
 class SliceDataset(Dataset):

@@ -51,9 +51,10 @@ def evaluate_run(run_dir: Path, split: str = "test", data: Path | None = None, d
 
 
 def evaluate_rows(model: torch.nn.Module, config: FitConfig, artifact: Artifact, rows: np.ndarray,
-                  device: torch.device, workers: int = 0) -> SegmentationMetrics:
-    """Per-slice-keeping metrics of ``model`` on the given rows, in one process."""
+                  device: torch.device, workers: int = 0,
+                  probabilities: list[torch.Tensor] | None = None) -> SegmentationMetrics:
+    """Per-slice-keeping metrics of ``model`` on the given rows, in one process (and its softmax maps if asked)."""
     loader = make_loader(SliceDataset(artifact.path, rows, config.channels), config.batch_size, False, workers,
                          config.seed, pin_memory=device.type == "cuda")
     batches = Batches(config, artifact.slice_shape, device)
-    return evaluate(model, loader, batches, autocast_dtype(device, config.amp), keep_per_slice=True)
+    return evaluate(model, loader, batches, autocast_dtype(device, config.amp), True, probabilities)

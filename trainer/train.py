@@ -194,8 +194,11 @@ def per_slice_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tenso
 
 
 def evaluate(model: nn.Module, source: Iterable, batches: Batches, amp_dtype: torch.dtype | None,
-             keep_per_slice: bool = False) -> SegmentationMetrics:
-    """Metrics of ``model`` over ``source`` (this rank's share; call ``all_reduce`` for the whole split)."""
+             keep_per_slice: bool = False, probabilities: list[torch.Tensor] | None = None) -> SegmentationMetrics:
+    """Metrics of ``model`` over ``source`` (this rank's share; call ``all_reduce`` for the whole split).
+
+    With a ``probabilities`` list, each batch's softmax maps are appended to it (float16, on the CPU).
+    """
     config = batches.config
     metrics = SegmentationMetrics(config.classes, config.task, batches.device, keep_per_slice)
     loss_fn = make_loss(config.loss).to(batches.device)
@@ -205,6 +208,8 @@ def evaluate(model: nn.Module, source: Iterable, batches: Batches, amp_dtype: to
             inputs, target = batches.inputs(images, labels)
             logits = batches.crop(model(inputs), target).float()
             metrics.update(logits, target, per_slice_loss(loss_fn, logits, target), rows)
+            if probabilities is not None:
+                probabilities.append(logits.softmax(1).half().cpu())
     return metrics
 
 
