@@ -91,14 +91,25 @@ def _map(
     yield from tqdm(results, total=total, desc=desc, unit="case", disable=None if progress else True, dynamic_ncols=True)
 
 
-def _plan(headers: list[CaseHeaders]) -> tuple[tuple[int, int], dict[str, str]]:
-    """Slice shape (the most common one) and stored dtype per modality (shared dtype, else float32)."""
-    slice_shape = Counter(h.shape[:2] for h in headers).most_common(1)[0][0]
+def _plan(headers: list[CaseHeaders]) -> tuple[tuple, dict[str, str]]:
+    """Geometry (the most common slice shape, orientation and voxel size) and stored dtype per modality (shared
+    dtype, else float32)."""
+    geometry = Counter(h.geometry for h in headers).most_common(1)[0][0]
     dtypes = {}
     for modality in MODALITIES:
         seen = {h.value_dtypes[modality] for h in headers}
         dtypes[modality] = seen.pop() if len(seen) == 1 else np.dtype(np.float32).str
-    return slice_shape, dtypes
+    return geometry, dtypes
+
+
+def _geometry_problem(found: tuple, wanted: tuple) -> str:
+    (shape, codes, size), (want_shape, want_codes, want_size) = found, wanted
+    if shape != want_shape:
+        return f"slice shape {shape} differs from the dataset's {want_shape}"
+    if codes != want_codes:
+        return (f"stored in orientation {''.join(codes)}, the dataset's is {''.join(want_codes)}: reorient it "
+                "(e.g. nibabel's as_reoriented) or build it into another file")
+    return f"voxel size {size} mm differs from the dataset's {want_size} mm: resample it or build it into another file"
 
 
 def _split_attrs(options: BuildOptions) -> dict[str, float]:
@@ -149,13 +160,10 @@ def _build_into(
     _check_strict(options, skipped)
     if not headers:
         raise BuildError(f"{source}: no valid case among {len(cases)} (first problem: {skipped[0].reason})")
-    slice_shape, dtypes = _plan(headers)
-    readable = {h.case_id for h in headers if h.shape[:2] == slice_shape}
-    skipped += [
-        Skipped(h.case_id, f"slice shape {h.shape[:2]} differs from the dataset's {slice_shape}")
-        for h in headers
-        if h.case_id not in readable
-    ]
+    geometry, dtypes = _plan(headers)
+    slice_shape, axis_codes, voxel_size = geometry
+    readable = {h.case_id for h in headers if h.geometry == geometry}
+    skipped += [Skipped(h.case_id, _geometry_problem(h.geometry, geometry)) for h in headers if h.case_id not in readable]
     todo = [case for case in cases if case.case_id in readable]
     writer.create(slice_shape, dtypes)
     for result in _map(read_case_rows, todo, len(todo), "slices", options.progress, options.rule, dtypes):
@@ -185,6 +193,11 @@ def _build_into(
             "slice_rule": options.rule.describe(),
             "slices_per_case": "all" if options.rule.per_case is None else options.rule.per_case,
             "min_tumour_voxels": options.rule.min_tumour_voxels,
+            "background_slices": options.rule.background,
+            "label4": options.rule.label4,
+            "split_unit": "patient",
+            "axis_codes": list(axis_codes),
+            "voxel_size": list(voxel_size),
             "source": source.resolve().name,
             "source_layouts": sorted({case.layout for case in cases if case.case_id in set(written)}),
             "cases_scanned": len(cases),

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from builder.build import BuildError, BuildOptions, build
 from builder.extract import SliceRule
 from builder.inspect import describe, verify
+from builder.labels import LABEL4_CHOICES
 from builder.layout import LAYOUTS
 from builder.synth import write_case
 
@@ -53,21 +54,31 @@ def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, 
               help="How many of the densest tumour slices per case become rows, or 'all'.")
 @click.option("--min-tumour-voxels", default=1, show_default=True, type=click.IntRange(1),
               help="A slice needs at least this many labelled voxels to become a row.")
+@click.option("--background-slices", default=0, show_default=True, type=click.IntRange(0),
+              help="Also keep this many tumour-free brain slices per case, evenly spaced (marked in /background), "
+                   "so that models learn what no tumour looks like and predict fewer false lesions on whole volumes.")
+@click.option("--label4", type=click.Choice(LABEL4_CHOICES), default="auto", show_default=True,
+              help="What seg label 4 means: auto = enhancing tumour in pre-2023 names (Brats18_..., BraTS2021_...), "
+                   "and a skipped case in 2023-style names (BraTS 2024 uses 4 for the resection cavity); "
+                   "et = enhancing tumour; background = not tumour.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad case instead of skipping it.")
 @click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
               help="joblib backend: local processes, or a Dask cluster.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://HOST:PORT); default: a local cluster.")
 def build_command(source: Path, out: Path, jobs: int, seed: int, val_fraction: float, test_fraction: float,
-                  slices_per_case: str, min_tumour_voxels: int, strict: bool, backend: str, scheduler: str | None) -> None:
+                  slices_per_case: str, min_tumour_voxels: int, background_slices: int, label4: str, strict: bool,
+                  backend: str, scheduler: str | None) -> None:
     """Build OUT (an .h5 file) from the BraTS case folders under SOURCE.
 
     Reads each case's seg in full, picks its densest axial slice(s), reads just those slices of the four
-    modalities, and streams the rows into OUT with split indices by case. Bad cases are skipped and listed.
+    modalities, and streams the rows into OUT with split indices by patient (all scans of a patient in one
+    split). Bad cases, and cases whose orientation or voxel size differs from the rest, are skipped and listed.
     """
     per_case = None if slices_per_case == "all" else _positive_int(slices_per_case)
     options = BuildOptions(
         jobs=jobs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-        rule=SliceRule(per_case=per_case, min_tumour_voxels=min_tumour_voxels),
+        rule=SliceRule(per_case=per_case, min_tumour_voxels=min_tumour_voxels, background=background_slices,
+                       label4=label4),
         strict=strict, backend=backend, scheduler=scheduler,
     )
     try:

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from builder.format import MODALITIES, SEG
-from builder.layout import Case
-from builder.nifti import NiftiReadError, read_all_raw_slices, read_header, read_slices
+import nibabel as nib
 
-#: Label value 4 meant enhancing tumour up to BraTS 2021; it is stored as 3, the 2023 value.
-LEGACY_ET = 4
+from builder.format import MODALITIES, SEG
+from builder.labels import to_brats2023
+from builder.layout import Case
+from builder.nifti import NiftiReadError, read_all_raw_slices, read_header, read_raw_slices, read_slices
+
+#: A tumour-free slice needs this share of brain (non-zero) pixels to become a background row.
+MIN_BRAIN_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,13 @@ class CaseHeaders:
     case_id: str
     shape: tuple[int, int, int]
     value_dtypes: dict[str, str]
+    axis_codes: tuple[str, str, str]
+    voxel_size: tuple[float, float, float]
+
+    @property
+    def geometry(self) -> tuple[tuple[int, int], tuple[str, str, str], tuple[float, float, float]]:
+        """What every case of one artifact must share: slice shape, orientation and voxel size."""
+        return self.shape[:2], self.axis_codes, self.voxel_size
 
 
 @dataclass(frozen=True)
@@ -38,11 +48,14 @@ class SliceRule:
     """Which axial slices of a case become rows.
 
     ``per_case`` densest slices (ties to the lowest z), or every slice when ``per_case`` is None; only
-    slices with at least ``min_tumour_voxels`` labelled voxels.
+    slices with at least ``min_tumour_voxels`` labelled voxels. Besides, ``background`` tumour-free slices
+    with brain on them, spread evenly over the volume, so that a model also learns what no tumour looks like.
     """
 
     per_case: int | None = 1
     min_tumour_voxels: int = 1
+    background: int = 0
+    label4: str = "auto"
 
     def choose(self, tumour_voxels: np.ndarray) -> np.ndarray:
         candidates = np.argsort(-tumour_voxels, kind="stable")
@@ -51,12 +64,23 @@ class SliceRule:
         keep = candidates[tumour_voxels[candidates] >= max(1, self.min_tumour_voxels)]
         return np.sort(keep)
 
+    def choose_background(self, tumour_voxels: np.ndarray, brain_voxels: np.ndarray, slice_pixels: int) -> np.ndarray:
+        """``background`` tumour-free brain slices, evenly spaced over those there are."""
+        candidates = np.flatnonzero((tumour_voxels == 0) & (brain_voxels >= MIN_BRAIN_SHARE * slice_pixels))
+        if self.background == 0 or candidates.size == 0:
+            return candidates[:0]
+        return np.unique(candidates[np.linspace(0, candidates.size - 1, min(self.background, candidates.size)).round().astype(int)])
+
     def describe(self) -> str:
         which = "every axial slice" if self.per_case is None else f"the {self.per_case} densest axial slice(s)"
-        return (
+        text = (
             f"{which} by count of non-zero seg voxels (ties to the lowest z), "
             f"keeping slices with at least {max(1, self.min_tumour_voxels)} such voxels"
         )
+        if self.background:
+            text += (f"; plus up to {self.background} tumour-free slices per case with brain on at least "
+                     f"{MIN_BRAIN_SHARE:.0%} of the slice ({MODALITIES[0]} non-zero), evenly spaced (marked in /background)")
+        return text
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,7 @@ class CaseRows:
     slice_index: np.ndarray
     seg: np.ndarray
     images: dict[str, np.ndarray]
+    background: np.ndarray  # True for the rows added as tumour-free slices
 
 
 def read_case_headers(case: Case) -> CaseHeaders | Skipped:
@@ -84,14 +109,21 @@ def read_case_headers(case: Case) -> CaseHeaders | Skipped:
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
         return Skipped(case.case_id, f"volumes differ in shape: {listed}")
+    codes = {name: tuple(nib.aff2axcodes(info.header.get_best_affine())) for name, info in headers.items()}
+    if len(set(codes.values())) > 1:
+        listed = ", ".join(f"{name} {''.join(c)}" for name, c in codes.items())
+        return Skipped(case.case_id, f"volumes differ in orientation: {listed}")
+    zooms = tuple(round(float(z), 4) for z in headers[SEG].header.get_zooms()[:3])
     return CaseHeaders(
         case_id=case.case_id,
         shape=headers[SEG].shape,
         value_dtypes={name: headers[name].value_dtype.str for name in MODALITIES},
+        axis_codes=codes[SEG],  # type: ignore[arg-type]
+        voxel_size=zooms,  # type: ignore[arg-type]
     )
 
 
-def _labels(case: Case) -> np.ndarray | str:
+def _labels(case: Case, label4: str) -> np.ndarray | str:
     """The seg as uint8 (Z, Y, X) with 2023 label values, or the reason it cannot be used.
 
     The array may be the reader's reused buffer: the caller copies the slices it keeps.
@@ -100,34 +132,32 @@ def _labels(case: Case) -> np.ndarray | str:
         raw, info = read_all_raw_slices(case.files[SEG])
     except NiftiReadError as error:
         return str(error)
-    values = info.scale(raw)
-    name = case.files[SEG].name
-    if values.dtype.kind == "f":
-        if not np.isfinite(values).all():
-            return f"{name}: NaN or infinite label values"
-        if not (values == np.round(values)).all():
-            return f"{name}: non-integer label values"
-    high = values.max()
-    low = values.min() if values.dtype.kind != "u" else 0
-    if low < 0 or high > LEGACY_ET:
-        return f"{name}: label values outside 0..4 (found {low:g}..{high:g})"
-    labels = values.astype(np.uint8, copy=False)
-    if high == LEGACY_ET:
-        labels[labels == LEGACY_ET] = 3
-    return labels
+    return to_brats2023(info.scale(raw), case.files[SEG].name, case.legacy_naming, label4)
+
+
+def _per_slice_nonzero(volume: np.ndarray) -> np.ndarray:
+    return np.array([np.count_nonzero(axial) for axial in volume])  # 10x faster than axis=(1, 2)
 
 
 def read_case_rows(case: Case, rule: SliceRule, dtypes: dict[str, str]) -> CaseRows | Skipped:
     """Read the seg in full, choose slices by ``rule``, read those slices of every modality."""
-    labels = _labels(case)
+    labels = _labels(case, rule.label4)
     if isinstance(labels, str):
         return Skipped(case.case_id, labels)
-    tumour_voxels = np.array([np.count_nonzero(axial) for axial in labels])  # 10x faster than axis=(1, 2)
+    tumour_voxels = _per_slice_nonzero(labels)
     if not tumour_voxels.any():
         return Skipped(case.case_id, f"{case.files[SEG].name}: empty label map (no tumour voxels)")
     zs = rule.choose(tumour_voxels)
     if zs.size == 0:
         return Skipped(case.case_id, f"no slice has at least {rule.min_tumour_voxels} tumour voxels")
+    background = zs[:0]
+    if rule.background:
+        try:  # not the reused buffer: it may hold the labels (an int16 seg shares the images' dtype)
+            brain, _ = read_raw_slices(case.files[MODALITIES[0]], None)
+        except NiftiReadError as error:
+            return Skipped(case.case_id, str(error))
+        background = rule.choose_background(tumour_voxels, _per_slice_nonzero(brain), labels[0].size)
+        zs = np.union1d(zs, background)
     images = {}
     for modality in MODALITIES:
         try:
@@ -138,4 +168,4 @@ def read_case_rows(case: Case, rule: SliceRule, dtypes: dict[str, str]) -> CaseR
             return Skipped(case.case_id, f"{case.files[modality].name}: NaN or infinite voxels in slice(s) {zs.tolist()}")
         images[modality] = values.astype(dtypes[modality], copy=False)
     seg = np.ascontiguousarray(labels[zs].transpose(0, 2, 1))
-    return CaseRows(case.case_id, zs.astype(np.int32), seg, images)
+    return CaseRows(case.case_id, zs.astype(np.int32), seg, images, np.isin(zs, background))

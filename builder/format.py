@@ -3,9 +3,13 @@
 Standard library only: the trainer imports this module without needing nibabel or joblib.
 """
 
+import hashlib
 import json
+from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions readers accept: v1 files lack /background, the geometry attributes and patient-grouped splits.
+READABLE_VERSIONS = (1, 2)
 
 #: Canonical BraTS 2023 modality names, in the order the builder stores and early fusion stacks them.
 MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
@@ -27,6 +31,10 @@ REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)
 SEG = "seg"
 CASE_ID = "case_id"
 SLICE_INDEX = "slice_index"
+BACKGROUND = "background"
+#: BraTS volumes are stored in this orientation (nibabel axis codes) at 1 mm; v1 files did not record it.
+DEFAULT_AXIS_CODES: tuple[str, str, str] = ("L", "P", "S")
+DEFAULT_VOXEL_SIZE: tuple[float, float, float] = (1.0, 1.0, 1.0)
 SPLIT_GROUP = "split"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -46,3 +54,12 @@ def decode_attribute(value: object) -> object:
     if isinstance(value, str) and value[:1] in "[{":
         return json.loads(value)
     return value.item() if hasattr(value, "item") else value
+
+
+def file_sha256(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes, in hex: the exact identity of an artifact that results can name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()

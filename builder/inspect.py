@@ -9,7 +9,17 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter the datasets are compressed with)
 import numpy as np
 
-from builder.format import CASE_ID, FORMAT_VERSION, SEG, SLICE_INDEX, SPLIT_GROUP, SPLITS, decode_attribute
+from builder.format import (
+    BACKGROUND,
+    CASE_ID,
+    READABLE_VERSIONS,
+    SEG,
+    SLICE_INDEX,
+    SPLIT_GROUP,
+    SPLITS,
+    decode_attribute,
+    file_sha256,
+)
 
 _BLOCK = 256  # rows read at a time while verifying: bounded memory on any file size
 
@@ -44,7 +54,12 @@ def describe(path: Path) -> str:
             f"built by brats2d builder {_attr(f, 'builder_version')} on {_attr(f, 'created')} "
             f"from {_attr(f, 'source')} ({', '.join(_attr(f, 'source_layouts') or [])}), seed {_attr(f, 'seed')}",
             f"storage: {_attr(f, 'compression')}, fletcher32 checksums, one slice per chunk",
+            f"geometry: axis codes {''.join(_attr(f, 'axis_codes') or ['?'])}, voxel size {_attr(f, 'voxel_size')} mm; "
+            f"splits by {_attr(f, 'split_unit') or 'case'}",
         ]
+        if BACKGROUND in f:
+            lines.insert(2, f"background rows (tumour-free slices): {int(f[BACKGROUND][()].sum())}")
+        lines.insert(1, f"sha256: {file_sha256(path)}")
         skipped = _attr(f, "skipped") or []
         lines.append(f"skipped cases: {len(skipped)}")
         lines += [f"  {s['case_id']}: {s['reason']}" for s in skipped]
@@ -74,7 +89,8 @@ def verify(path: Path) -> list[str]:
     except OSError as error:
         return [f"{path}: not a readable HDF5 file ({error})"]
     with f:
-        if not report.check(_attr(f, "format_version") == FORMAT_VERSION, f"format_version is not {FORMAT_VERSION}"):
+        version = _attr(f, "format_version")
+        if not report.check(version in READABLE_VERSIONS, f"format_version {version} is not one of {READABLE_VERSIONS}"):
             return report.problems
         modalities = _attr(f, "modalities") or []
         names = [*modalities, SEG]
@@ -91,6 +107,11 @@ def verify(path: Path) -> list[str]:
         if report.problems:
             return report.problems
         splits = {s: f[SPLIT_GROUP][s][()] for s in SPLITS}
+        if version >= 2 and report.check(BACKGROUND in f, f"/{BACKGROUND}: missing"):
+            background = f[BACKGROUND][()].astype(bool)
+            report.check(background.shape == (rows,), f"/{BACKGROUND}: {background.shape[0]} entries for {rows} rows")
+            tumour = [row for row in np.flatnonzero(background[:rows]) if f[SEG][int(row)].any()]
+            report.check(not tumour, f"/{BACKGROUND}: rows marked tumour-free hold tumour labels: {tumour[:5]}")
         for s, indices in splits.items():
             report.check(bool(np.all(np.diff(indices) > 0)), f"split {s}: indices not sorted and unique")
         every = np.concatenate(list(splits.values()))

@@ -1,8 +1,14 @@
-"""Find BraTS case folders and the files of each case, in the 2023 or the 2020/2021 naming."""
+"""Find BraTS case folders and the files of each case, in every naming a release has used.
+
+- 2023 family: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz`` (also ``-MEN-``, ``-MET-``, ``-PED-``, ``-SSA-``)
+- 2018 to 2021: ``Brats18_2013_11_1/Brats18_2013_11_1_flair.nii.gz``, ``BraTS20_Training_001/…_t1ce.nii``,
+  ``BraTS2021_00000/BraTS2021_00000_seg.nii.gz``
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +20,14 @@ LAYOUTS: dict[str, tuple[str, dict[str, str]]] = {
     "brats2021": ("_", {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", SEG: "seg"}),
 }
 _EXTENSIONS = (".nii.gz", ".nii")
+#: A 2023-style case id: patient and time point (``BraTS-GLI-00000-001`` is patient ``BraTS-GLI-00000``).
+_TIME_POINT = re.compile(r"^(BraTS-[A-Z]+-\d+)-\d+$")
+
+
+def patient_of(case_id: str) -> str:
+    """The patient a case belongs to: 2023-style ids drop the time point; older ids are one scan per patient."""
+    match = _TIME_POINT.match(case_id)
+    return match.group(1) if match else case_id
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,11 @@ class Case:
     case_id: str
     layout: str
     files: dict[str, Path]
+
+    @property
+    def legacy_naming(self) -> bool:
+        """A pre-2023 naming, where label 4 means enhancing tumour."""
+        return self.layout != "brats2023"
 
     def missing(self) -> list[str]:
         return [name for name in (*MODALITIES, SEG) if not self.files[name].is_file()]

@@ -140,10 +140,12 @@ def case_id(layout: str, index: int) -> str:
     return f"BraTS-GLI-{index:05d}-000" if layout == "brats2023" else f"BraTS2021_{index:05d}"
 
 
-def write_case(out: Path, index: int, seed: int, layout: str = "brats2023", compressed: bool = True) -> Path:
-    """Write one case folder under ``out`` (atomically: a half-written case never appears)."""
+def write_case(out: Path, index: int, seed: int, layout: str = "brats2023", compressed: bool = True,
+               name: str | None = None) -> Path:
+    """Write one case folder under ``out`` (atomically: a half-written case never appears); ``name`` overrides the
+    case id (any release's naming, e.g. ``Brats18_2013_11_1``)."""
     separator, suffixes = LAYOUTS[layout]
-    name = case_id(layout, index)
+    name = name or case_id(layout, index)
     final = out / name
     staging = out / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,7 @@ import hdf5plugin
 import numpy as np
 
 from builder.extract import CaseRows
-from builder.format import CASE_ID, MODALITIES, SEG, SLICE_INDEX, SPLIT_GROUP
+from builder.format import BACKGROUND, CASE_ID, MODALITIES, SEG, SLICE_INDEX, SPLIT_GROUP
 
 #: Blosc-LZ4 with byte shuffle: about 3x smaller than raw int16 and still thousands of random rows/s
 #: (benchmarks/bench_codecs.py; ../shared/PERFORMANCE.md). Readers need ``import hdf5plugin``.
@@ -36,6 +36,7 @@ class ArtifactWriter:
         self.rows = 0
         self.case_ids: list[str] = []
         self.slice_index: list[int] = []
+        self.background: list[bool] = []
         self._datasets: dict[str, h5py.Dataset] = {}
         self._finished = False
 
@@ -63,6 +64,7 @@ class ArtifactWriter:
             dataset[start:stop] = case.seg if name == SEG else case.images[name]
         self.case_ids.extend([case.case_id] * len(case.slice_index))
         self.slice_index.extend(case.slice_index.tolist())
+        self.background.extend(case.background.tolist())
         self.rows = stop
 
     def finish(self, splits: dict[str, np.ndarray], attrs: dict[str, object]) -> None:
@@ -72,6 +74,7 @@ class ArtifactWriter:
             dataset.resize(self.rows, axis=0)
         f.create_dataset(CASE_ID, data=np.array(self.case_ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
         f.create_dataset(SLICE_INDEX, data=np.asarray(self.slice_index, dtype=np.int32))
+        f.create_dataset(BACKGROUND, data=np.asarray(self.background, dtype=np.uint8))
         group = f.create_group(SPLIT_GROUP)
         for name, rows in splits.items():
             group.create_dataset(name, data=rows.astype(np.int64))

@@ -50,7 +50,9 @@ def test_layout_of_the_file(artifact: Path) -> None:
             filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
             assert {hdf5plugin.BLOSC_ID, h5py.h5z.FILTER_FLETCHER32} <= filters
         assert f["seg"].dtype == np.uint8
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
+        assert json.loads(f.attrs["axis_codes"]) == ["L", "P", "S"] and json.loads(f.attrs["voxel_size"]) == [1, 1, 1]
+        assert f["background"].shape == f["seg"].shape[:1] and not f["background"][()].any()
         assert json.loads(f.attrs["modalities"]) == list(MODALITIES)
         assert json.loads(f.attrs["skipped"]) == []
         assert f.attrs["cases_scanned"] == f.attrs["cases_written"] == f["seg"].shape[0]

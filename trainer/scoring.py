@@ -1,0 +1,138 @@
+"""Whole-volume scores of one case, as the BraTS 2023 challenge computes them (numpy and scipy.ndimage only).
+
+Definitions follow the challenge's published metric code (rachitsaluja/BraTS-2023-Metrics) with the BraTS-GLI
+parameters, per region WT {1,2,3}, TC {1,3}, ET {3}:
+
+- *Legacy* whole-volume scores: Dice (1 when the region is empty in both), HD95 in mm (0 when empty in both,
+  374 when empty in just one), sensitivity tp / (tp + fn) (1 when empty in both) and specificity tn / (tn + fp).
+- *Lesion-wise* Dice and HD95: truth lesions are the 26-connected components of the truth after merging those
+  whose 3-voxel dilations (18-neighbourhood, 3 iterations) touch; a truth lesion is matched by every predicted
+  26-connected component that touches its dilation and scored against their union; truth lesions of 50 mm^3 or
+  less are left out of the mean (their matches are not false positives); every predicted component that matches
+  no truth lesion is a false positive scoring Dice 0 and HD95 374; a region empty in both scores Dice 1, HD95 0.
+
+HD95 is the larger of the two directed 95th percentiles of distances (mm, from the voxel spacing) between the
+surface voxels of the two masks (mask voxels with a 6-neighbour outside it), as MONAI and MedPy compute it; the
+challenge's code weights surface elements by area (DeepMind's surface-distance), which can differ by a fraction
+of a millimetre.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from builder.format import REGIONS
+
+#: HD95 given to a missed or false-positive lesion, and to a region present in only one of the two volumes.
+MAX_HD95 = 374.0
+_CONNECTED_26 = np.ones((3, 3, 3), dtype=bool)
+_DILATION_18 = ndimage.generate_binary_structure(3, 2)
+METRICS = ("dice", "hd95", "sensitivity", "specificity", "lesion_dice", "lesion_hd95", "lesion_tp", "lesion_fp",
+           "lesion_fn")
+
+
+@dataclass(frozen=True)
+class LesionRule:
+    """How lesions are merged and which are too small to count (the challenge's values for BraTS-GLI)."""
+
+    dilation: int = 3
+    min_volume_mm3: float = 50.0
+
+
+def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
+    """Boolean mask of a BraTS region (``builder.format.REGIONS``) in a label volume."""
+    return np.isin(labels, REGIONS[region])
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """2|P and T| / (|P| + |T|); 1 when both masks are empty."""
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(truth))
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(pred & truth) / total
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The bounding box of ``mask``'s voxels, grown by ``margin`` and clipped to the array."""
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, mask.shape))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """95th-percentile Hausdorff distance in mm (0 when both are empty, 374 when one is)."""
+    has_pred, has_truth = pred.any(), truth.any()
+    if not (has_pred or has_truth):
+        return 0.0
+    if not (has_pred and has_truth):
+        return MAX_HD95
+    box = _box(pred | truth, 1)  # distances inside a box holding both masks are exact, and much cheaper
+    surface_pred, surface_truth = _surface(pred[box]), _surface(truth[box])
+    to_truth = ndimage.distance_transform_edt(~surface_truth, sampling=spacing)[surface_pred]
+    to_pred = ndimage.distance_transform_edt(~surface_pred, sampling=spacing)[surface_truth]
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
+
+
+def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], rule: LesionRule = LesionRule()
+                ) -> dict[str, float]:
+    """BraTS 2023 lesion-wise Dice and HD95 of one region, with the counts of matched, false and missed lesions."""
+    if not (pred.any() or truth.any()):
+        return {"lesion_dice": 1.0, "lesion_hd95": 0.0, "lesion_tp": 0, "lesion_fp": 0, "lesion_fn": 0}
+    box = _box(pred | truth, rule.dilation + 1)  # all the work happens near the tumour
+    pred, truth = pred[box], truth[box]
+    predicted, _ = ndimage.label(pred, _CONNECTED_26)
+    merged, _ = ndimage.label(ndimage.binary_dilation(truth, _DILATION_18, iterations=rule.dilation), _CONNECTED_26)
+    lesions = merged * truth
+    voxel_mm3 = float(np.prod(spacing))
+    matched: set[int] = set()
+    scores, tp, fn = [], 0, 0
+    for lesion in np.unique(lesions[lesions > 0]):
+        lesion_mask = lesions == lesion
+        reach = ndimage.binary_dilation(lesion_mask, _DILATION_18, iterations=rule.dilation)
+        hits = np.unique(predicted[reach & pred])
+        matched.update(hits.tolist())
+        if np.count_nonzero(lesion_mask) * voxel_mm3 <= rule.min_volume_mm3:
+            continue
+        match = np.isin(predicted, hits) & pred
+        scores.append((dice(match, lesion_mask), hd95(match, lesion_mask, spacing)))
+        tp, fn = tp + (len(hits) > 0), fn + (len(hits) == 0)
+    fp = len(set(np.unique(predicted[pred]).tolist()) - matched)
+    count = len(scores) + fp
+    if count == 0:  # only lesions too small to count, all found
+        return {"lesion_dice": 1.0, "lesion_hd95": 0.0, "lesion_tp": tp, "lesion_fp": fp, "lesion_fn": fn}
+    return {
+        "lesion_dice": sum(d for d, _ in scores) / count,
+        "lesion_hd95": (sum(h for _, h in scores) + MAX_HD95 * fp) / count,
+        "lesion_tp": tp, "lesion_fp": fp, "lesion_fn": fn,
+    }
+
+
+def score_region(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], rule: LesionRule = LesionRule()
+                 ) -> dict[str, float]:
+    """Every score of METRICS for one region's boolean masks."""
+    tp = int(np.count_nonzero(pred & truth))
+    fp, fn = int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(truth)) - tp
+    tn = pred.size - tp - fp - fn
+    return {
+        "dice": dice(pred, truth),
+        "hd95": hd95(pred, truth, spacing),
+        "sensitivity": 1.0 if tp + fn == 0 and fp == 0 else tp / (tp + fn) if tp + fn else 0.0,
+        "specificity": tn / (tn + fp) if tn + fp else 1.0,
+        **lesion_wise(pred, truth, spacing, rule),
+    }
+
+
+def score_case(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], regions: tuple[str, ...] = tuple(REGIONS),
+               rule: LesionRule = LesionRule()) -> dict[str, float]:
+    """Scores of every region of two label volumes, keyed ``<metric>_<region>`` (e.g. ``lesion_dice_ET``)."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from the truth's {truth.shape}")
+    out: dict[str, float] = {}
+    for region in regions:
+        scores = score_region(region_mask(pred, region), region_mask(truth, region), spacing, rule)
+        out |= {f"{metric}_{region}": value for metric, value in scores.items()}
+    return out
