@@ -147,7 +147,8 @@ def test_one_change_moves_at_most_one_patient_per_boundary_and_counts_follow_fra
         if trial % 2:
             changed, common = ids + [f"BraTS-GLI-{5000 + trial:05d}-000"], set(ids)
         else:
-            changed = [c for c in ids if c != rng.choice(ids)]
+            removed = rng.choice(ids)
+            changed = [c for c in ids if c != removed]
             common = set(changed)
         before, after = split_cases(ids, 0, 0.05, 0.05), split_cases(changed, 0, 0.05, 0.05)
         moved = _moves(before, after, common)
