@@ -11,6 +11,9 @@ from builder.build import BuildOptions, build
 from builder.synth import write_case
 
 N_CASES = 12
+#: Options of the tiniest real training runs: a small encoder from scratch on 64x64 patches, on the CPU.
+FAST = ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "3", "--workers", "0",
+        "--crop", "64", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +45,17 @@ def case_copy(cases_dir: Path, tmp_path: Path):
         return folder
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def small_run(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-step early-fusion run on ``artifact``: a real checkpoint to predict and evaluate with."""
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(main, ["fit", str(artifact), "-m", "all", "--out", str(out), *FAST, "--epochs", "1",
+                                       "--max-steps", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return next(out.iterdir())

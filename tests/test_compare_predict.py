@@ -13,11 +13,10 @@ import torch
 from click.testing import CliRunner
 
 from trainer.cli import main
-from trainer.compare import bootstrap_interval
+from trainer.statistics import bootstrap_interval
 from trainer.fusion import mean_probabilities, vote
 
-FAST = ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "3", "--workers", "0",
-        "--crop", "64", "--device", "cpu"]
+from conftest import FAST
 
 
 def test_vote_by_hand_with_double_vote_and_tie() -> None:
@@ -79,15 +78,6 @@ def test_compare_writes_table_pictures_and_reuses_runs(artifact: Path, tmp_path:
     assert reused.exit_code == 0 and reused.output.count("reusing") == 5
 
 
-@pytest.fixture(scope="module")
-def small_run(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    result = CliRunner().invoke(main, ["fit", str(artifact), "-m", "all", "--out", str(out), *FAST, "--epochs", "1",
-                                       "--max-steps", "2"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return next(out.iterdir())
-
-
 def test_predict_writes_a_seg_nifti_matching_the_source(small_run: Path, cases_dir: Path, tmp_path: Path) -> None:
     case = cases_dir / "BraTS-GLI-00003-000"
     result = CliRunner().invoke(main, ["predict", str(small_run), str(case), "--out", str(tmp_path), "--device", "cpu"])
@@ -99,11 +89,16 @@ def test_predict_writes_a_seg_nifti_matching_the_source(small_run: Path, cases_d
     assert written.header.get_data_dtype() == np.uint8
     assert np.allclose(written.header.get_zooms(), source.header.get_zooms())
     assert written.header["qform_code"] == source.header["qform_code"]
-    assert set(np.unique(np.asanyarray(written.dataobj))) <= {0, 1, 2, 3}
-    assert "3D Dice" in result.output
-    with open(tmp_path / "predict_dice.csv") as handle:
+    labels = np.asanyarray(written.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    assert "lesion-wise Dice WT" in result.output and "slices/s" in result.output
+    with open(tmp_path / "predict_scores.csv") as handle:
         (row,) = list(csv.DictReader(handle))
-    assert 0 <= float(row["dice_WT"]) <= 1
+    truth = np.asanyarray(nib.load(case / "BraTS-GLI-00003-000-seg.nii.gz").dataobj)
+    for region, values in (("WT", (1, 2, 3)), ("TC", (1, 3)), ("ET", (3,))):
+        p, t = np.isin(labels, values), np.isin(truth, values)
+        expected = 1.0 if not (p.any() or t.any()) else 2 * (p & t).sum() / (p.sum() + t.sum())
+        assert float(row[f"dice_{region}"]) == pytest.approx(expected)  # the scores are of the mask written
 
 
 def test_predict_errors_leave_no_partial_output(small_run: Path, cases_dir: Path, tmp_path: Path) -> None:
@@ -115,6 +110,7 @@ def test_predict_errors_leave_no_partial_output(small_run: Path, cases_dir: Path
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["predict", str(small_run), str(broken), "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 1 and "missing BraTS-GLI-00004-000-t1c.nii.gz" in result.output
+    assert "skipped BraTS-GLI-00004-000" in result.output
     assert not out.exists() or list(out.iterdir()) == []  # no seg, and no partial file
     empty = tmp_path / "norun"
     empty.mkdir()

@@ -19,8 +19,7 @@ from trainer.cli import main
 from trainer.data import SliceDataset
 from trainer.model import load_model
 
-FAST = ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "3", "--workers", "0",
-        "--crop", "64", "--device", "cpu"]
+from conftest import FAST
 
 
 def _fit(artifact: Path, out: Path, *extra: str):

@@ -106,21 +106,68 @@ def fit(data: Path, modality: str | None, out: Path, name: str | None, resume: P
     click.echo(f"run folder: {run_dir}")
 
 
+def clean_up_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--clean-up/--no-clean-up", "clean", default=True, show_default=True,
+                        help="Drop small tumour components far from the main tumour, and ET too small to be real, "
+                             "from whole-volume predictions (trainer/cleanup.py).")(command)
+
+
+def clean_rule(clean: bool) -> Any:
+    from trainer.cleanup import DEFAULT_CLEAN_UP
+
+    return DEFAULT_CLEAN_UP if clean else None
+
+
+def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = ("WT", "TC", "ET")) -> str:
+    """One line of the headline whole-volume scores: lesion-wise Dice and HD95, then legacy Dice, per region."""
+    def value(key: str) -> Any:
+        found = scores.get(key)
+        return found["mean"] if isinstance(found, dict) else found
+
+    parts = []
+    for label, key, digits in (("lesion-wise Dice", "lesion_dice", 3), ("lesion-wise HD95", "lesion_hd95", 1),
+                               ("Dice", "dice", 3)):
+        present = [(r, value(f"{key}_{r}")) for r in regions if value(f"{key}_{r}") is not None]
+        parts.append(f"{label} " + " ".join(f"{r} {v:.{digits}f}" for r, v in present))
+    return "; ".join(parts)
+
+
 @main.command(name="evaluate")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("--data", default=None, type=click.Path(path_type=Path), help="Another copy of the run's .h5 file.")
+@click.option("--volumes", "volumes_dir", default=None, type=click.Path(path_type=Path),
+              help="The BraTS folder the artifact was built from: segment each case of the split over its whole "
+                   "volume and score it as BraTS 2023 does (lesion-wise Dice and HD95, legacy Dice, HD95, "
+                   "sensitivity, specificity).")
+@click.option("--limit", default=None, type=click.IntRange(1), help="With --volumes: score only the first N cases.")
+@clean_up_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--checkpoint", default="best.pt", show_default=True)
 @one_line_errors
-def evaluate_command(run_dir: Path, split: str, data: Path | None, device: str, checkpoint: str) -> None:
-    """Evaluate a run's checkpoint on a split; writes <split>_metrics.json and <split>_cases.csv."""
-    from trainer.evaluate import evaluate_run
+def evaluate_command(run_dir: Path, split: str, data: Path | None, volumes_dir: Path | None, limit: int | None,
+                     clean: bool, device: str, checkpoint: str) -> None:
+    """Evaluate a run's checkpoint on a split.
 
-    result = evaluate_run(run_dir, split, data, device, checkpoint)
-    shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
-    click.echo(f"{run_dir} on {split} ({result['slices']} slices): {shown}")
-    click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")
+    Per slice on the artifact's rows: <split>_metrics.json and <split>_cases.csv. With --volumes, per patient on
+    whole volumes: <split>_volumes.csv (a row per case) and <split>_volumes.json (means with 95% intervals).
+    """
+    from trainer.evaluate import evaluate_run, evaluate_volumes
+
+    if volumes_dir is None:
+        result = evaluate_run(run_dir, split, data, device, checkpoint)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        click.echo(f"{run_dir} on {split} ({result['slices']} slices, per-slice 2D scores): {shown}")
+        click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")
+        return
+    report = evaluate_volumes(run_dir, volumes_dir, split, data, device, checkpoint, clean_rule(clean), limit)
+    for line in report["skipped"]:
+        click.echo(f"skipped {line['case_id']}: {line['reason']}")
+    subset = f", {report['subset']}" if report["subset"] else ""
+    click.echo(f"{run_dir} on {report['cases_scored']} whole {split} volumes{subset}: {format_scores(report['metrics'])}")
+    click.echo(f"wrote {run_dir / f'{split}_volumes.csv'} and {run_dir / f'{split}_volumes.json'}")
+    if report["skipped"]:
+        raise SystemExit(1)
 
 
 @main.command()
@@ -128,30 +175,49 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, device: str, 
 @fit_options
 @click.option("--out", default=Path("runs/compare"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--reuse", is_flag=True, help="Keep runs already finished in --out instead of training them again.")
+@click.option("--volumes", "volumes_dir", default=None, type=click.Path(path_type=Path),
+              help="The BraTS folder the artifact was built from: also score all seven approaches on the test cases' "
+                   "whole volumes (BraTS 2023 lesion-wise and legacy scores, fusion voxel by voxel) with paired "
+                   "differences from the best.")
+@click.option("--volume-cases", default=None, type=click.IntRange(1),
+              help="With --volumes: score only the first N test cases (said in the table).")
+@clean_up_option
 @one_line_errors
-def compare(data: Path, out: Path, reuse: bool, **options: Any) -> None:
+def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume_cases: int | None, clean: bool,
+            **options: Any) -> None:
     """Train t1n, t1c, t2w, t2f and all four (early fusion) alike, fuse the four late (vote and mean),
-    and score all seven on the test split: comparison.md/.csv/.png/.gif in --out."""
+    and score all seven on the test split: comparison.md/.csv/.png/.gif in --out (with --volumes, also
+    comparison_volumes.csv/.json, the whole-volume scores per patient)."""
     from trainer.compare import compare as run_compare
 
-    run_compare(make_config(data, "all", out, **options), out, reuse)
+    run_compare(make_config(data, "all", out, **options), out, reuse, volumes_dir=volumes_dir, volume_cases=volume_cases,
+                rule=clean_rule(clean))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("case_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for <case>-seg.nii.gz.")
+@clean_up_option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--checkpoint", default="best.pt", show_default=True)
 @one_line_errors
-def predict(run_dir: Path, case_dirs: tuple[Path, ...], out: Path, device: str, checkpoint: str) -> None:
-    """Segment every axial slice of new cases (CASE_DIRS: BraTS case folders) with the model in RUN_DIR.
+def predict(run_dir: Path, case_dirs: tuple[Path, ...], out: Path, clean: bool, device: str, checkpoint: str) -> None:
+    """Segment every brain slice of new cases (CASE_DIRS: BraTS case folders) with the model in RUN_DIR.
 
-    Writes <case>-seg.nii.gz with the source affine and header and BraTS label values (opens in ITK-SNAP or
-    3D Slicer over the images). Cases with a -seg file also get their whole-volume 3D Dice per region.
+    Volumes in another orientation are reoriented for the model (nibabel) and the mask is written in the input's
+    own space: <case>-seg.nii.gz with the source affine and header and BraTS label values (opens in ITK-SNAP or
+    3D Slicer over the images). Cases with a -seg file are also scored as BraTS 2023 scores them
+    (predict_scores.csv). A case that cannot be read or matched is listed and skipped; the others are written.
     """
     from trainer.predict import predict_cases
 
-    for report in predict_cases(run_dir, list(case_dirs), out, device, checkpoint):
-        dice = " ".join(f"{k[5:]} {v:.3f}" for k, v in report.items() if k.startswith("dice_"))
-        click.echo(f"{report['case_id']}: wrote {report['output']}" + (f"; 3D Dice {dice}" if dice else ""))
+    reports, skipped = predict_cases(run_dir, list(case_dirs), out, device, checkpoint, clean_rule(clean))
+    for report in reports:
+        speed = f"{report['brain_slices']} brain slices at {report['slices_per_second']:.1f} slices/s"
+        scores = f"; {format_scores(report)}" if "score_seconds" in report else ""
+        click.echo(f"{report['case_id']}: wrote {report['output']} ({speed}){scores}")
+    for line in skipped:
+        click.echo(f"skipped {line['case_id']}: {line['reason']}")
+    if skipped:
+        raise SystemExit(1)

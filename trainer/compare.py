@@ -1,5 +1,6 @@
 """Which modality segments best? Train the five approaches alike, fuse the four single-modality models, and
-score all seven on the test split with per-case bootstrap intervals."""
+score all seven on the test split with per-case bootstrap intervals: per slice on the artifact's rows and, with
+``--volumes``, per patient on whole volumes as BraTS 2023 scores them, with paired differences from the best."""
 
 from __future__ import annotations
 
@@ -13,19 +14,25 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from builder.format import MODALITIES
+from builder.format import MODALITIES, SEG
+from trainer.cleanup import CleanUp, clean_up
 from trainer.data import Artifact
-from trainer.evaluate import evaluate_rows, per_case
+from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, evaluate_rows, per_case
 from trainer.fusion import mean_probabilities, vote
 from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model
+from trainer.reports import write_csv, write_json
+from trainer.statistics import bootstrap_interval, paired_difference
 from trainer.train import FitConfig, FitError, fit, resolve_device
+from trainer.volumes import CaseError, Geometry, labels_of, read_case, score, segment
 
 APPROACHES = (*MODALITIES, "all")
 LABELS = {"t1n": "T1 native", "t1c": "T1 contrast", "t2w": "T2", "t2f": "FLAIR", "all": "early fusion (4 channels)",
           "vote": "late fusion, vote", "mean": "late fusion, mean softmax"}
-BOOTSTRAP_SAMPLES = 2000
+#: The whole-volume score that ranks the approaches: BraTS 2023 lesion-wise Dice, averaged over the regions.
+RANKING = "lesion_dice"
 
 
 @dataclass
@@ -83,15 +90,10 @@ def _run_summary(run_dir: Path) -> tuple[float, float]:
     return sum(float(r["seconds"]) for r in rows), max(float(r["val_dice_mean"]) for r in rows)
 
 
-def bootstrap_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean over cases."""
-    rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(BOOTSTRAP_SAMPLES, len(values)), replace=True).mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0) -> Path:
-    """Train, fuse, score; writes comparison.{csv,md,png,gif} and comparison_cases.csv in ``out``."""
+def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, volumes_dir: Path | None = None,
+            volume_cases: int | None = None, rule: CleanUp | None = None) -> Path:
+    """Train, fuse, score; writes comparison.{csv,md,png,gif} and comparison_cases.csv in ``out`` (and, with
+    ``volumes_dir``, comparison_volumes.{csv,json} with a whole-volume table in comparison.md)."""
     out.mkdir(parents=True, exist_ok=True)
     artifact = Artifact.open(base.data)
     artifact.require(MODALITIES)
@@ -119,6 +121,11 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0) -
     outcomes["mean"] = _score_fused("mean", mean_probabilities([o.probabilities for o in singles]), targets, rows,
                                     config, artifact)
     table = _write_tables(outcomes, out, MODALITIES[best], len(rows))
+    if volumes_dir is not None:
+        models = {approach: load_model(run_dir / "best.pt", device)[0] for approach, run_dir in runs.items()}
+        volume_table = compare_volumes(models, config, artifact, volumes_dir, best, device, out, volume_cases, rule)
+        table += "\n" + volume_table
+        (out / "comparison.md").write_text(table)
     from trainer.plots import plot_comparison
 
     plot_comparison(artifact, rows, seg, {k: o.probabilities for k, o in outcomes.items()}, config.task, out)
@@ -172,3 +179,83 @@ def _write_tables(outcomes: dict[str, Outcome], out: Path, best_single: str, sli
     (out / "comparison.md").write_text(text)
     (out / "comparison.json").write_text(json.dumps(records, indent=2, default=float))
     return text
+
+
+def _approach_volumes(models: dict[str, torch.nn.Module], config: FitConfig, images: np.ndarray,
+                      device: torch.device, best: int) -> dict[str, np.ndarray]:
+    """Labels of all seven approaches for one case: five models, then vote and mean fused voxel by voxel."""
+    probabilities, labels = {}, {}
+    for approach, model in models.items():
+        channels = list(MODALITIES) if approach == "all" else [approach]
+        single = replace(config, modality=approach)
+        picked = images[[MODALITIES.index(c) for c in channels]]
+        probabilities[approach] = segment(model, single, picked, device, progress=False).probabilities
+        labels[approach] = labels_of(probabilities[approach].argmax(0), config.task)
+    singles = [torch.from_numpy(probabilities[m].argmax(0)) for m in MODALITIES]
+    labels["vote"] = labels_of(vote(singles, best, config.classes).numpy(), config.task)
+    mean = mean_probabilities([torch.from_numpy(probabilities[m]) for m in MODALITIES])
+    labels["mean"] = labels_of(mean.argmax(0).numpy(), config.task)
+    return labels
+
+
+def compare_volumes(models: dict[str, torch.nn.Module], config: FitConfig, artifact: Artifact, volumes_dir: Path,
+                    best: int, device: torch.device, out: Path, limit: int | None, rule: CleanUp | None) -> str:
+    """Score every approach on whole test volumes; write comparison_volumes.{csv,json}; return a Markdown table."""
+    wanted = artifact.cases_of("test")
+    chosen = wanted[:limit] if limit else wanted
+    cases, skipped = cases_for(volumes_dir, chosen)
+    results = {name: VolumeResults() for name in LABELS}
+    geometry = Geometry.of(config)
+    for case_id, case in tqdm(cases.items(), desc="test volumes", unit="case", disable=None):
+        if not case.files[SEG].is_file():
+            skipped.append({"case_id": case_id, "reason": f"no {case.files[SEG].name} to score against"})
+            continue
+        try:
+            volumes = read_case(case, MODALITIES, geometry)
+        except CaseError as error:
+            skipped.append({"case_id": case_id, "reason": str(error)})
+            continue
+        for name, labels in _approach_volumes(models, config, volumes.images, device, best).items():
+            cleaned = labels if rule is None else clean_up(labels, rule)
+            results[name].rows.append({"case_id": case_id, **score(cleaned, volumes, config.task)})
+    if not any(r.rows for r in results.values()):
+        raise FitError(f"{volumes_dir}: no test case could be scored (first problem: "
+                       f"{skipped[0]['reason'] if skipped else 'the test split is empty'})")
+    regions = [k.split("_")[-1] for k in results["all"].rows[0] if k.startswith("dice_")]
+    ranking = {name: np.mean([[row[f"{RANKING}_{r}"] for r in regions] for row in res.rows], axis=1)
+               for name, res in results.items()}
+    leader = max(ranking, key=lambda name: ranking[name].mean())
+    ids = [row["case_id"] for row in results[leader].rows]
+    summary = {name: {"metrics": res.summary(), f"{RANKING}_mean_minus_{leader}": paired_difference(ids, ranking[name], ranking[leader])}
+               for name, res in results.items()}
+    write_csv(out / "comparison_volumes.csv", [{"approach": name, **row} for name, res in results.items() for row in res.rows])
+    subset = f"the first {len(chosen)} of {len(wanted)} test cases" if len(chosen) < len(wanted) else f"all {len(wanted)} test cases"
+    write_json(out / "comparison_volumes.json", {"cases": subset, "cases_scored": len(ids), "skipped": skipped,
+                                                 "clean_up": None if rule is None else vars(rule),
+                                                 "definition": VOLUME_DEFINITION, "best": leader, "approaches": summary})
+    return _volume_table(summary, regions, leader, subset, len(ids), skipped, rule)
+
+
+def _volume_table(summary: dict, regions: list[str], leader: str, subset: str, scored: int, skipped: list,
+                  rule: CleanUp | None) -> str:
+    def cell(metrics: dict, key: str, digits: int) -> str:
+        m = metrics[key]
+        return f"{m['mean']:.{digits}f} [{m['ci_low']:.{digits}f}, {m['ci_high']:.{digits}f}]"
+
+    header = " | ".join([*(f"lesion-wise Dice {r}" for r in regions), *(f"lesion-wise HD95 {r}" for r in regions),
+                         *(f"Dice {r}" for r in regions), "false lesions / case", f"vs {LABELS[leader]}"])
+    lines = [f"# Whole volumes, per patient ({scored} patients: {subset})", "",
+             f"| approach | {header} |", "|---|" + "---|" * (3 * len(regions) + 2)]
+    for name, s in summary.items():
+        m = s["metrics"]
+        false = np.mean([m[f"lesion_fp_{r}"]["mean"] for r in regions])
+        diff = s[f"{RANKING}_mean_minus_{leader}"]
+        versus = "best" if name == leader else f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
+        cells = [*(cell(m, f"lesion_dice_{r}", 3) for r in regions), *(cell(m, f"lesion_hd95_{r}", 1) for r in regions),
+                 *(cell(m, f"dice_{r}", 3) for r in regions), f"{false:.1f}", versus]
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+    lines += ["", f"BraTS 2023 scores on whole volumes ({VOLUME_DEFINITION}). Clean-up: "
+              f"{'off' if rule is None else vars(rule)}. The last column is the paired difference in mean lesion-wise "
+              "Dice (over regions) from the best approach, over the same patients, with a 95% paired-bootstrap interval."]
+    lines += [f"Skipped {s['case_id']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines) + "\n"

@@ -18,7 +18,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from builder.format import CASE_ID, FORMAT_VERSION, SEG, SLICE_INDEX, SPLIT_GROUP, SPLITS, decode_attribute
+from builder.format import (
+    BACKGROUND,
+    CASE_ID,
+    DEFAULT_AXIS_CODES,
+    DEFAULT_VOXEL_SIZE,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    SEG,
+    SLICE_INDEX,
+    SPLIT_GROUP,
+    SPLITS,
+    decode_attribute,
+    file_sha256,
+)
 
 #: Stored dtypes torch cannot hold are widened in the worker; the rest travel as stored.
 _TORCH_UNSUPPORTED = {np.dtype("uint16"), np.dtype("uint32"), np.dtype("uint64")}
@@ -39,6 +52,9 @@ class Artifact:
     splits: dict[str, np.ndarray]
     case_ids: np.ndarray
     slice_index: np.ndarray
+    background: np.ndarray  # True for tumour-free rows added with --background-slices (none in v1 files)
+    axis_codes: tuple[str, str, str] = DEFAULT_AXIS_CODES
+    voxel_size: tuple[float, float, float] = DEFAULT_VOXEL_SIZE
     provenance: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -54,22 +70,34 @@ class Artifact:
             version = f.attrs.get("format_version")
             if version is None or SEG not in f or SPLIT_GROUP not in f:
                 raise ArtifactError(f"{path}: not a brats2d artifact (no format_version, /seg or /split)")
-            if int(version) != FORMAT_VERSION:
+            if int(version) not in READABLE_VERSIONS:
                 raise ArtifactError(
-                    f"{path}: format_version {int(version)}, this trainer reads {FORMAT_VERSION}; "
-                    "rebuild it with this version's `brats-build build`"
+                    f"{path}: format_version {int(version)}, this trainer reads {', '.join(map(str, READABLE_VERSIONS))}; "
+                    f"rebuild it with this version's `brats-build build` (format {FORMAT_VERSION})"
                 )
             provenance = {key: decode_attribute(value) for key, value in f.attrs.items()}
+            rows = f[SEG].shape[0]
             return cls(
                 path=path,
                 modalities=tuple(provenance.get("modalities", [])),
-                rows=f[SEG].shape[0],
+                rows=rows,
                 slice_shape=tuple(f[SEG].shape[1:]),  # type: ignore[arg-type]
                 splits={name: f[SPLIT_GROUP][name][()] for name in SPLITS},
                 case_ids=f[CASE_ID].asstr()[()],
                 slice_index=f[SLICE_INDEX][()],
+                background=f[BACKGROUND][()].astype(bool) if BACKGROUND in f else np.zeros(rows, dtype=bool),
+                axis_codes=tuple(provenance.get("axis_codes", DEFAULT_AXIS_CODES)),  # type: ignore[arg-type]
+                voxel_size=tuple(provenance.get("voxel_size", DEFAULT_VOXEL_SIZE)),  # type: ignore[arg-type]
                 provenance=provenance,
             )
+
+    def sha256(self) -> str:
+        """The file's SHA-256: the exact artifact a result came from (see ``brats-build info``)."""
+        return file_sha256(self.path)
+
+    def cases_of(self, split: str) -> list[str]:
+        """The sorted case ids with rows in ``split``."""
+        return sorted(set(self.case_ids[self.splits[split]].tolist()))
 
     def rows_of(self, split: str) -> np.ndarray:
         rows = self.splits[split]

@@ -1,20 +1,29 @@
-"""Evaluate a finished run on a split: metrics over the split, and one row per slice and per case."""
+"""Evaluate a finished run on a split: per-slice metrics over the artifact's rows, or (``--volumes``) every case of
+the split segmented over its whole volume and scored as the BraTS 2023 challenge scores it."""
 
 from __future__ import annotations
 
 import csv
 import json
 from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from builder.format import SEG
+from builder.layout import Case, find_cases
+from trainer.cleanup import DEFAULT_CLEAN_UP, CleanUp
 from trainer.data import Artifact, SliceDataset, make_loader
 from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model
-from trainer.train import Batches, FitConfig, autocast_dtype, evaluate, resolve_device
+from trainer.reports import write_csv, write_json
+from trainer.statistics import summarise
+from trainer.train import Batches, FitConfig, FitError, autocast_dtype, evaluate, resolve_device
+from trainer.volumes import CaseError, Geometry, read_case, score, segment_case
 
 
 def per_case(records: list[dict[str, float]], artifact: Artifact) -> list[dict[str, Any]]:
@@ -58,3 +67,81 @@ def evaluate_rows(model: torch.nn.Module, config: FitConfig, artifact: Artifact,
                          config.seed, pin_memory=device.type == "cuda")
     batches = Batches(config, artifact.slice_shape, device)
     return evaluate(model, loader, batches, autocast_dtype(device, config.amp), True, probabilities)
+
+
+#: How the whole-volume scores are defined, written beside them.
+VOLUME_DEFINITION = (
+    "whole-volume scores per patient as BraTS 2023 computes them (rachitsaluja/BraTS-2023-Metrics, BraTS-GLI: "
+    "lesion-wise Dice and HD95 with 3-voxel dilation, lesions of 50 mm^3 or less left out, missed and false-positive "
+    "lesions scoring 0 and 374 mm; legacy Dice, HD95, sensitivity, specificity); HD95 from surface voxels "
+    "(MONAI/MedPy style); means over patients with 95% bootstrap intervals"
+)
+
+
+@dataclass
+class VolumeResults:
+    """Per-case whole-volume scores of one approach, and the cases that could not be scored."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        ids = [row["case_id"] for row in self.rows]
+        keys = [k for k in (self.rows[0] if self.rows else {}) if k.split("_")[0] in _SCORE_PREFIXES]
+        return {key: summarise(ids, [row[key] for row in self.rows]) for key in keys}
+
+
+_SCORE_PREFIXES = ("dice", "hd95", "sensitivity", "specificity", "lesion")
+
+
+def cases_for(volumes_dir: Path, case_ids: list[str]) -> tuple[dict[str, Case], list[dict[str, str]]]:
+    """The case folders under ``volumes_dir`` for ``case_ids``, and a line for each one that is not there."""
+    if not volumes_dir.is_dir():
+        raise FitError(f"{volumes_dir}: no such folder (--volumes takes the BraTS folder the artifact was built from)")
+    try:
+        found = {case.case_id: case for case in find_cases(volumes_dir)}
+    except ValueError as error:
+        raise FitError(str(error)) from None
+    missing = [{"case_id": c, "reason": f"not found under {volumes_dir}"} for c in case_ids if c not in found]
+    return {c: found[c] for c in case_ids if c in found}, missing
+
+
+def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data: Path | None = None,
+                     device_name: str = "auto", checkpoint: str = "best.pt", rule: CleanUp | None = DEFAULT_CLEAN_UP,
+                     limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Segment every case of ``split`` over its whole volume and score it; writes ``<split>_volumes.csv`` (a row
+    per case) and ``<split>_volumes.json`` (means over patients with 95% bootstrap intervals) in ``run_dir``."""
+    device = resolve_device(device_name)
+    model, saved = load_model(run_dir / checkpoint, device)
+    config = FitConfig.from_dict({**saved, "data": str(data or saved["data"]), "device": str(device)})
+    artifact = Artifact.open(config.data)
+    wanted = artifact.cases_of(split)
+    chosen = wanted[:limit] if limit else wanted
+    cases, skipped = cases_for(volumes_dir, chosen)
+    results = VolumeResults(skipped=skipped)
+    geometry = Geometry.of(config)
+    for case_id, case in tqdm(cases.items(), desc=f"{split} volumes", unit="case", disable=None if progress else True):
+        if not case.files[SEG].is_file():
+            results.skipped.append({"case_id": case_id, "reason": f"no {case.files[SEG].name} to score against"})
+            continue
+        try:
+            volumes = read_case(case, config.channels, geometry)
+        except CaseError as error:
+            results.skipped.append({"case_id": case_id, "reason": str(error)})
+            continue
+        labels, run = segment_case(model, config, volumes, device, rule, progress=False)
+        results.rows.append({"case_id": case_id, "brain_slices": run.brain_slices, "predict_seconds": round(run.seconds, 3),
+                             "slices_per_second": round(run.slices_per_second, 1), **score(labels, volumes, config.task)})
+    if not results.rows:
+        raise FitError(f"{volumes_dir}: no {split} case could be scored (first problem: "
+                       f"{results.skipped[0]['reason'] if results.skipped else 'the split is empty'})")
+    report = {
+        "split": split, "checkpoint": checkpoint, "data": str(artifact.path), "volumes": str(volumes_dir),
+        "cases_in_split": len(wanted), "cases_scored": len(results.rows),
+        "subset": f"the first {limit} of {len(wanted)} cases (--limit)" if limit and limit < len(wanted) else None,
+        "clean_up": asdict(rule) if rule is not None else None, "definition": VOLUME_DEFINITION,
+        "metrics": results.summary(), "skipped": results.skipped,
+    }
+    write_csv(run_dir / f"{split}_volumes.csv", results.rows)
+    write_json(run_dir / f"{split}_volumes.json", report)
+    return report

@@ -23,13 +23,46 @@ def overlay(labels: np.ndarray) -> np.ndarray:
     return LABEL_COLOURS[np.clip(labels, 0, 3)]
 
 
-def show_slice(ax: plt.Axes, image: np.ndarray, labels: np.ndarray | None = None, title: str = "") -> None:
-    """A slice as radiologists see it (rows = y, so transpose the stored (x, y)), optionally with labels."""
-    ax.imshow(image.T, cmap="gray", origin="lower")
+def radiological(image: np.ndarray, axis_codes: Sequence[str]) -> np.ndarray:
+    """A stored axial slice (its axes named by the volume's first two axis codes) as radiologists read it:
+    anterior at the top, the patient's right on the image's left. Worked out from the codes, not assumed."""
+    codes = [c.upper() for c in axis_codes[:2]]
+    if not ({"A", "P"} & set(codes) and {"L", "R"} & set(codes)):
+        return image.T  # not an axial plane: show it as stored
+    front_back = 0 if codes[0] in "AP" else 1
+    shown = image if front_back == 0 else image.T  # rows along anterior-posterior, columns along left-right
+    if codes[front_back] == "A":
+        shown = shown[::-1]  # rows must run from anterior (top) to posterior
+    if codes[1 - front_back] == "R":
+        shown = shown[:, ::-1]  # columns must run from the patient's right to left
+    return shown
+
+
+def show_slice(ax: plt.Axes, image: np.ndarray, labels: np.ndarray | None = None, title: str = "",
+               axis_codes: Sequence[str] = ("L", "P", "S")) -> None:
+    """A slice in radiological convention (see ``radiological``), optionally with labels over it."""
+    ax.imshow(radiological(image, axis_codes), cmap="gray", origin="upper")
     if labels is not None:
-        ax.imshow(overlay(labels.T), origin="lower", interpolation="nearest")
+        ax.imshow(overlay(radiological(labels, axis_codes)), origin="upper", interpolation="nearest")
     ax.set_title(title, fontsize=8)
     ax.axis("off")
+
+
+def sample_positions(artifact, split: str, count: int) -> list[int]:
+    """Positions within ``split``'s rows of different patients' most tumour-laden rows, most tumour first."""
+    import h5py
+
+    from builder.layout import patient_of
+
+    rows = artifact.splits[split]
+    best: dict[str, tuple[int, int]] = {}
+    with h5py.File(artifact.path, "r") as f:
+        for position, row in enumerate(rows):
+            tumour = int(np.count_nonzero(f["seg"][int(row)]))
+            patient = patient_of(str(artifact.case_ids[row]))
+            if patient not in best or tumour > best[patient][1]:
+                best[patient] = (position, tumour)
+    return [position for position, _ in sorted(best.values(), key=lambda item: -item[1])[:count]]
 
 
 def plot_curves(rows: Sequence[dict[str, float]], path: Path) -> None:
@@ -56,7 +89,7 @@ def plot_samples(checkpoint: Path, artifact, batches, path: Path, count: int = 4
     from trainer.model import load_model
 
     model, config = load_model(checkpoint, batches.device)
-    rows = artifact.splits["val"][:count]
+    rows = artifact.splits["val"][sample_positions(artifact, "val", count)]
     with h5py.File(artifact.path, "r") as f:
         images = torch.from_numpy(np.stack([[f[c][r] for c in config["channels"]] for r in rows]))
         truth = np.stack([f["seg"][r] for r in rows])
@@ -68,11 +101,12 @@ def plot_samples(checkpoint: Path, artifact, batches, path: Path, count: int = 4
         pred = pred * 2
     shown = config["channels"][-1]
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
+    codes = artifact.axis_codes
     for i, row in enumerate(rows):
         name = f"{artifact.case_ids[row]} z={artifact.slice_index[row]}"
-        show_slice(axes[i, 0], images[i, -1].numpy(), None, f"{name}\n{shown}")
-        show_slice(axes[i, 1], images[i, -1].numpy(), truth[i], "truth")
-        show_slice(axes[i, 2], images[i, -1].numpy(), pred[i], "prediction")
+        show_slice(axes[i, 0], images[i, -1].numpy(), None, f"{name}\n{shown}", codes)
+        show_slice(axes[i, 1], images[i, -1].numpy(), truth[i], "truth", codes)
+        show_slice(axes[i, 2], images[i, -1].numpy(), pred[i], "prediction", codes)
     fig.suptitle("red NCR, green ED, yellow ET", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -82,12 +116,12 @@ def plot_samples(checkpoint: Path, artifact, batches, path: Path, count: int = 4
 def _case_panels(axes, artifact, row: int, seg: np.ndarray, predictions: dict[str, np.ndarray], images: dict) -> None:
     from builder.format import MODALITIES
 
-    base = images["t2f"]
+    base, codes = images["t2f"], artifact.axis_codes
     for ax, modality in zip(axes, MODALITIES):
-        show_slice(ax, images[modality], None, modality)
-    show_slice(axes[4], base, seg, f"truth\n{artifact.case_ids[row]}")
+        show_slice(ax, images[modality], None, modality, codes)
+    show_slice(axes[4], base, seg, f"truth\n{artifact.case_ids[row]}", codes)
     for ax, (name, labels) in zip(axes[5:], predictions.items()):
-        show_slice(ax, base, labels, name)
+        show_slice(ax, base, labels, name, codes)
 
 
 def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, probabilities: dict[str, torch.Tensor], task: str,
@@ -98,12 +132,13 @@ def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, probabilities: 
 
     from builder.format import MODALITIES
 
-    shown = range(min(len(rows), frames))
+    shown = sample_positions(artifact, "test", frames)  # different patients, their most tumour-laden rows
+    rows, seg = rows[shown], seg[shown]
     with h5py.File(artifact.path, "r") as f:
-        images = [{m: f[m][int(rows[i])] for m in MODALITIES} for i in shown]
+        images = [{m: f[m][int(row)] for m in MODALITIES} for row in rows]
     scale = 2 if task == "binary" else 1  # binary: draw the whole tumour in the oedema colour
-    labels = {name: p[: len(shown)].float().argmax(1).numpy() * scale for name, p in probabilities.items()}
-    truth = seg[: len(shown)] if task == "multiclass" else (seg[: len(shown)] > 0) * 2
+    labels = {name: p[shown].float().argmax(1).numpy() * scale for name, p in probabilities.items()}
+    truth = seg if task == "multiclass" else (seg > 0) * 2
     panels = 5 + len(labels)
     count = min(cases_in_png, len(shown))
     fig, axes = plt.subplots(count, panels, figsize=(1.45 * panels, 1.6 * count), squeeze=False)
@@ -114,7 +149,7 @@ def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, probabilities: 
     fig.savefig(out / "comparison.png", dpi=90)
     plt.close(fig)
     pictures = []
-    for i in shown:
+    for i in range(len(shown)):
         fig, axes = plt.subplots(2, (panels + 1) // 2, figsize=(1.6 * ((panels + 1) // 2), 3.6), squeeze=False)
         for ax in axes.flat[panels:]:
             ax.axis("off")

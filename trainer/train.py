@@ -66,6 +66,11 @@ class FitConfig:
     cache: str = "auto"
     out: str = "runs"
     name: str | None = None
+    # Filled from the artifact when the run starts, so that a checkpoint alone can segment and name its data:
+    axis_codes: list[str] | None = None
+    voxel_size: list[float] | None = None
+    slice_shape: list[int] | None = None
+    data_sha256: str | None = None
 
     def __post_init__(self) -> None:
         self.modality = "all" if self.modality.lower() in ("all", "early", "fusion") else canonical_modality(self.modality)
@@ -271,6 +276,11 @@ def fit(config: FitConfig, resume: Path | None = None, run_dir: Path | None = No
 def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | None, run_dir: Path | None) -> Path:
     artifact = Artifact.open(config.data)
     artifact.require(config.channels)
+    config = dataclasses.replace(
+        config, axis_codes=list(artifact.axis_codes), voxel_size=list(artifact.voxel_size),
+        slice_shape=list(artifact.slice_shape),
+        data_sha256=broadcast_object(artifact.sha256() if world.is_main else None, world),
+    )
     train_rows = artifact.rows_of("train")
     artifact.rows_of("val")
     if config.batch_size > len(train_rows):
