@@ -66,6 +66,7 @@ bench: setup
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_volume.py
 
 clean:
 	rm -rf runs $(DEMO_DIR) $(DEMO_DATA) benchmarks/.cache

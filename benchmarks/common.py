@@ -124,7 +124,7 @@ def replicated_artifact(rows: int, name: str, source_cases: int = 200, val_fract
         for i in range(rows):
             j = i % len(ids)
             writer.append(CaseRows(f"{ids[j]}-r{i // len(ids)}", np.array([80], np.int32), data["seg"][j : j + 1],
-                                   {m: data[m][j : j + 1] for m in MODALITIES}))
+                                   {m: data[m][j : j + 1] for m in MODALITIES}, np.zeros(1, bool)))
         cases = sorted(set(writer.case_ids))
         splits = split_rows(writer.case_ids, split_cases(cases, 0, val_fraction, 0.05))
         writer.finish(splits, {**{k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()},

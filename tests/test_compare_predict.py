@@ -48,10 +48,11 @@ def test_bootstrap_interval_brackets_the_mean() -> None:
     assert bootstrap_interval(np.full(10, 0.7)) == pytest.approx((0.7, 0.7))
 
 
-def test_compare_writes_table_pictures_and_reuses_runs(artifact: Path, tmp_path: Path) -> None:
+def test_compare_writes_table_pictures_and_reuses_runs(artifact: Path, cases_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     args = ["compare", str(artifact), "--out", str(out), *FAST, "--epochs", "1", "--max-steps", "2"]
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    result = CliRunner().invoke(main, [*args, "--volumes", str(cases_dir), "--volume-cases", "1", "--no-clean-up"],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for name in ("comparison.csv", "comparison.md", "comparison.png", "comparison.gif", "comparison_cases.csv"):
         assert (out / name).is_file(), name
@@ -72,6 +73,21 @@ def test_compare_writes_table_pictures_and_reuses_runs(artifact: Path, tmp_path:
     assert "late fusion, vote" in table and "not comparable" in table
     with open(out / "comparison_cases.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 7 * 3  # seven approaches x three test cases
+    volumes = list(csv.DictReader(open(out / "comparison_volumes.csv")))
+    assert [r["approach"] for r in volumes] == ["t1n", "t1c", "t2w", "t2f", "all", "vote", "mean"]
+    summary = json.loads((out / "comparison_volumes.json").read_text())
+    best = summary["best"]
+    assert summary["approaches"][best][f"lesion_dice_mean_minus_{best}"]["mean"] == 0
+    assert "the first 1 of 3 test cases" in summary["cases"] and "Whole volumes" in table + (out / "comparison.md").read_text()
+    # the early-fusion row is what `evaluate --volumes` gives for that run on the same case
+    evaluated = CliRunner().invoke(main, ["evaluate", str(out / "all"), "--volumes", str(cases_dir), "--limit", "1",
+                                          "--no-clean-up", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    (alone,) = list(csv.DictReader(open(out / "all" / "test_volumes.csv")))
+    (fused,) = [r for r in volumes if r["approach"] == "all"]
+    assert alone["case_id"] == fused["case_id"] and alone["lesion_dice_WT"] == fused["lesion_dice_WT"]
+    mean_row = next(r for r in volumes if r["approach"] == "mean")
+    assert 0 <= float(mean_row["dice_WT"]) <= 1
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "--reuse" in again.output
     reused = CliRunner().invoke(main, [*args, "--reuse"])

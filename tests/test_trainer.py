@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
+from builder.format import file_sha256
 from trainer import train as train_module
 from trainer.cli import main
 from trainer.data import SliceDataset
@@ -62,7 +63,8 @@ def test_tiny_run_leaves_every_artifact_and_evaluates(artifact: Path, tmp_path: 
     for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "curves.png", "samples.png"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
-    assert config["modality"] == "t2f" and config["artifact"]["format_version"] == 1
+    assert config["modality"] == "t2f" and config["artifact"]["format_version"] == 2
+    assert config["data_sha256"] == file_sha256(artifact) and config["axis_codes"] == ["L", "P", "S"]
     with open(run / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2
@@ -138,8 +140,8 @@ def test_not_hdf5_other_version_and_missing_modality(artifact: Path, tmp_path: P
     other = tmp_path / "other.h5"
     shutil.copy(artifact, other)
     with h5py.File(other, "r+") as f:
-        f.attrs["format_version"] = 2
-    assert "format_version 2" in _one_clear_line(_fit(other, tmp_path, "-m", "t1n"))
+        f.attrs["format_version"] = 3
+    assert "format_version 3" in _one_clear_line(_fit(other, tmp_path, "-m", "t1n"))
     fewer = tmp_path / "fewer.h5"
     shutil.copy(artifact, fewer)
     with h5py.File(fewer, "r+") as f:
@@ -200,3 +202,20 @@ def test_damaged_chunk_is_reported_not_raised(artifact: Path, tmp_path: Path) ->
         handle.write(b"\x00\xff\x00\xff")
     line = _one_clear_line(_fit(damaged, tmp_path / "runs", "-m", "t2w", "--epochs", "1"))
     assert "brats-build verify" in line
+
+
+def test_version_1_files_still_read(artifact: Path, tmp_path: Path) -> None:
+    from builder.inspect import verify
+    from trainer.data import Artifact
+
+    old = tmp_path / "v1.h5"
+    shutil.copy(artifact, old)
+    with h5py.File(old, "r+") as f:
+        del f["background"]
+        for key in ("axis_codes", "voxel_size", "background_slices", "label4", "split_unit"):
+            del f.attrs[key]
+        f.attrs["format_version"] = 1
+    assert verify(old) == []
+    opened = Artifact.open(old)
+    assert not opened.background.any() and len(opened.background) == opened.rows
+    assert opened.axis_codes == ("L", "P", "S") and opened.voxel_size == (1.0, 1.0, 1.0)

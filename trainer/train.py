@@ -399,7 +399,8 @@ def _train_epoch(network: nn.Module, source: Iterable, batches: Batches, loss_fn
 
 
 def _provenance(artifact: Artifact) -> dict[str, Any]:
-    keep = ("format_version", "builder_version", "created", "seed", "source", "slice_rule", "cases_written")
+    keep = ("format_version", "builder_version", "created", "seed", "source", "slice_rule", "cases_written",
+            "background_slices", "split_unit", "axis_codes", "voxel_size")
     return {"path": str(artifact.path.resolve()), "rows": artifact.rows,
             **{k: artifact.provenance.get(k) for k in keep}}
 
