@@ -70,3 +70,17 @@ def test_binary_task_reports_whole_tumour_only() -> None:
     out = m.compute()
     assert out["dice_WT"] == pytest.approx(2 * 2 / (3 + 2))
     assert "dice_ET" not in out and out["dice_mean"] == out["dice_WT"]
+
+
+def test_class_counts_equal_smp_get_stats_on_random_batches() -> None:
+    import segmentation_models_pytorch as smp
+
+    from trainer.metrics import class_counts
+
+    generator = torch.Generator().manual_seed(0)
+    for classes in (2, 4):
+        pred = torch.randint(0, classes, (5, 17, 13), generator=generator)
+        target = torch.randint(0, classes, (5, 17, 13), generator=generator)
+        expected = smp.metrics.get_stats(pred, target, mode="multiclass", num_classes=classes)[:3]
+        for ours, theirs in zip(class_counts(pred, target, classes), expected):
+            assert torch.equal(ours, theirs.sum(0))

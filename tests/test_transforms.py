@@ -61,3 +61,17 @@ def test_random_crop_is_tumour_centred_mostly() -> None:
     assert crops.shape == (30, 64, 64)
     with_tumour = (crops > 0).flatten(1).any(1).float().mean()
     assert with_tumour > 0.5
+
+
+def test_random_crop_cuts_the_same_window_from_images_and_labels() -> None:
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (6, 96, 80))
+    labels[2] = 0  # a slice without tumour: cropped anywhere
+    images = torch.stack([labels * 10 + c for c in range(2)], 1).float()  # channel c: 10 * label + c
+    crops, crop_labels = random_crop(images, labels, 32, generator)
+    assert crops.shape == (6, 2, 32, 32) and crop_labels.shape == (6, 32, 32)
+    for c in range(2):
+        assert torch.equal(crops[:, c], crop_labels.float() * 10 + c)
+    for i in range(6):  # each crop is a window of its own slice
+        windows = labels[i].unfold(0, 32, 1).unfold(1, 32, 1)
+        assert (windows == crop_labels[i]).flatten(2).all(-1).any()

@@ -34,7 +34,15 @@ def region_masks(labels: torch.Tensor, task: str) -> torch.Tensor:
 def region_dice(pred: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
     """(B, R) Dice of each region per slice; 1 where the region is absent from both."""
     tp, fp, fn, tn = smp.metrics.get_stats(region_masks(pred, task), region_masks(target, task), mode="multilabel")
-    return smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0).to(pred.device)
+    return smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
+
+
+def class_counts(pred: torch.Tensor, target: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class true positives, false positives and false negatives over a whole batch, in one ``bincount`` on
+    the device (smp's multiclass ``get_stats`` loops over the samples into CPU tensors: a host sync per step)."""
+    confusion = torch.bincount((target * classes + pred).flatten(), minlength=classes * classes).view(classes, classes)
+    tp = confusion.diagonal()
+    return tp, confusion.sum(0) - tp, confusion.sum(1) - tp
 
 
 class SegmentationMetrics:
@@ -60,10 +68,7 @@ class SegmentationMetrics:
             probs = probs.float()
             batch = target.shape[0]
             pred = probs.argmax(1)
-            tp, fp, fn, _ = (
-                t.to(probs.device)  # smp builds the multiclass counts on the CPU
-                for t in smp.metrics.get_stats(pred, target, mode="multiclass", num_classes=self.classes)
-            )
+            tp, fp, fn = class_counts(pred, target, self.classes)
             onehot = F.one_hot(target, self.classes).permute(0, 3, 1, 2).float()
             dice = region_dice(pred, target, self.task)
             c = self.classes
@@ -76,9 +81,9 @@ class SegmentationMetrics:
             s[4] += target.numel()
             s[5] += ((probs - onehot) ** 2).sum()
             s[6] += probs.numel()
-            s[7 : 7 + c] += tp.sum(0)
-            s[7 + c : 7 + 2 * c] += fp.sum(0)
-            s[7 + 2 * c : 7 + 3 * c] += fn.sum(0)
+            s[7 : 7 + c] += tp
+            s[7 + c : 7 + 2 * c] += fp
+            s[7 + 2 * c : 7 + 3 * c] += fn
             s[7 + 3 * c :] += dice.sum(0)
             if self.per_slice is not None:
                 self._keep(pred, target, dice, rows)
