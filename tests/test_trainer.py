@@ -62,12 +62,18 @@ def test_tiny_run_leaves_every_artifact_and_evaluates(artifact: Path, tmp_path: 
     assert run.name.startswith("t2f-")
     for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "curves.png", "samples.png"):
         assert (run / name).is_file(), name
+    best, last = (torch.load(run / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert set(best) == {"model", "config"} and "optimizer" in last  # inference needs no optimiser state
+    assert (run / "best.pt").stat().st_size < 0.5 * (run / "last.pt").stat().st_size
     config = json.loads((run / "config.json").read_text())
     assert config["modality"] == "t2f" and config["artifact"]["format_version"] == 2
     assert config["data_sha256"] == file_sha256(artifact) and config["axis_codes"] == ["L", "P", "S"]
     with open(run / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2
+    for row in rows:  # the epoch's wall time, split into training, validation and the rest
+        parts = float(row["train_seconds"]) + float(row["val_seconds"]) + float(row["other_seconds"])
+        assert parts == pytest.approx(float(row["seconds"]), abs=0.01) and float(row["train_images_per_s"]) > 0
     for split in ("train", "val"):
         for metric in ("loss", "pixel_accuracy", "mean_iou", "mse", "dice_WT", "dice_TC", "dice_ET", "dice_mean"):
             assert f"{split}_{metric}" in rows[0]

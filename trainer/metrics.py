@@ -95,6 +95,11 @@ class SegmentationMetrics:
             record.update({f"dice_{r}": float(dice[i, j]) for j, r in enumerate(self.regions)})
             self.per_slice.append(record)  # type: ignore[union-attr]
 
+    @property
+    def slices(self) -> float:
+        """Slices counted so far (over every rank once ``all_reduce`` ran)."""
+        return float(self.sums[2])
+
     def all_reduce(self) -> None:
         """Sum the counts over every rank (the per-slice records stay on their rank)."""
         if dist.is_available() and dist.is_initialized():

@@ -30,6 +30,8 @@ from trainer.transforms import NORMALISATIONS, augment, crop, normalise, pad, pa
 LOSSES = ("ce+dice", "ce", "dice", "focal+dice")
 TASKS = ("multiclass", "binary")
 CACHES = ("auto", "stream", "device")
+#: Learning curves are redrawn at most this often (and at the end): a plot costs about 0.26 s.
+PLOT_EVERY_SECONDS = 30.0
 #: The device cache is used automatically when the split needs less than this share of free GPU memory.
 DEVICE_CACHE_SHARE = 0.25
 
@@ -251,6 +253,11 @@ class History:
         self.rows.append(row)
         self._write()
 
+    def amend_last(self, **values: float) -> None:
+        """Fill in what is known only after the row was logged (the epoch's checkpoint and plot time)."""
+        self.rows[-1] |= values
+        self._write()
+
     def _write(self) -> None:
         if not self.rows:
             return
@@ -332,6 +339,7 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
     batches = Batches(config, artifact.slice_shape, device)
     loss_fn = make_loss(config.loss).to(device)
     score_key = "val_dice_mean"
+    last_plot = -math.inf
 
     for epoch in range(state["epoch"] + 1, config.epochs):
         if config.max_steps is not None and state["step"] >= config.max_steps:
@@ -343,9 +351,12 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         train_metrics = _train_epoch(network, train_source, batches, loss_fn, optimizer, scaler, amp_dtype, generator,
                                      state, f"epoch {epoch + 1}/{config.epochs}", world.is_main)
         train_metrics.all_reduce()
+        train_seconds = time.perf_counter() - started
         val_metrics = evaluate(network, val_source, batches, amp_dtype)
         val_metrics.all_reduce()
-        row = {"epoch": epoch, "step": state["step"], "seconds": round(time.perf_counter() - started, 3), "lr": config.lr}
+        val_seconds = time.perf_counter() - started - train_seconds
+        row = {"epoch": epoch, "step": state["step"], "lr": config.lr, "train_seconds": round(train_seconds, 3),
+               "val_seconds": round(val_seconds, 3), "train_images_per_s": round(train_metrics.slices / train_seconds, 2)}
         row |= {f"train_{k}": v for k, v in train_metrics.compute().items()}
         row |= {f"val_{k}": v for k, v in val_metrics.compute().items()}
         improved = row[score_key] > state["best_score"]
@@ -353,19 +364,24 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
         if world.is_main:
-            history.add(row)
-            extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **state}
-            if improved:
-                save_checkpoint(run_dir / "best.pt", model, config.to_dict(), **extra)
-            save_checkpoint(run_dir / "last.pt", model, config.to_dict(), **extra)
-            tqdm.write(_summary_line(row, improved))
-            _plot_curves(history, run_dir)
+            history.add(row | {"other_seconds": math.nan, "seconds": math.nan})  # logged before its checkpoint
+            if improved:  # what inference needs: weights and configuration
+                save_checkpoint(run_dir / "best.pt", model, config.to_dict())
+            save_checkpoint(run_dir / "last.pt", model, config.to_dict(), optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict(), **state)
+            if time.perf_counter() - last_plot >= PLOT_EVERY_SECONDS:
+                _plot_curves(history.rows, run_dir)
+                last_plot = time.perf_counter()
+            history.amend_last(other_seconds=round(time.perf_counter() - started - train_seconds - val_seconds, 3),
+                               seconds=round(time.perf_counter() - started, 3))
+            tqdm.write(_summary_line(history.rows[-1], improved))
         barrier(world)
         if state["bad_epochs"] >= config.patience:
             if world.is_main:
                 tqdm.write(f"early stop: no better {score_key} for {config.patience} epochs")
             break
     if world.is_main:
+        _plot_curves(history.rows, run_dir)
         _plot_samples(run_dir, artifact, batches)
     barrier(world)
     return run_dir
@@ -409,13 +425,16 @@ def _summary_line(row: dict[str, float], improved: bool) -> str:
     regions = " ".join(f"{k[9:]} {v:.3f}" for k, v in row.items() if k.startswith("val_dice_") and k != "val_dice_mean")
     return (f"epoch {int(row['epoch']) + 1}: train loss {row['train_loss']:.4f} | val loss {row['val_loss']:.4f} "
             f"PA {row['val_pixel_accuracy']:.4f} mIoU {row['val_mean_iou']:.3f} MSE {row['val_mse']:.4f} "
-            f"Dice {regions} mean {row['val_dice_mean']:.3f} ({row['seconds']:.1f} s){' *best' if improved else ''}")
+            f"Dice {regions} mean {row['val_dice_mean']:.3f} ({row['seconds']:.1f} s: train {row['train_seconds']:.1f} s "
+            f"at {row['train_images_per_s']:.1f} img/s, val {row['val_seconds']:.1f} s, other {row['other_seconds']:.2f} s)"
+            f"{' *best' if improved else ''}")
 
 
-def _plot_curves(history: History, run_dir: Path) -> None:
+def _plot_curves(rows: list[dict[str, float]], run_dir: Path) -> None:
     from trainer.plots import plot_curves
 
-    plot_curves(history.rows, run_dir / "curves.png")
+    if rows:
+        plot_curves(rows, run_dir / "curves.png")
 
 
 def _plot_samples(run_dir: Path, artifact: Artifact, batches: Batches) -> None:
