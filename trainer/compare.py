@@ -5,7 +5,6 @@ score all seven on the test split with per-case bootstrap intervals: per slice o
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, evalua
 from trainer.fusion import mean_probabilities, vote
 from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model
-from trainer.reports import write_csv, write_json
+from trainer.reports import write_csv, write_json, write_text
 from trainer.statistics import bootstrap_interval, paired_difference
 from trainer.train import FitConfig, FitError, fit, resolve_device
 from trainer.volumes import CaseError, Geometry, labels_of, read_case, score, segment
@@ -123,9 +122,8 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, v
     table = _write_tables(outcomes, out, MODALITIES[best], len(rows))
     if volumes_dir is not None:
         models = {approach: load_model(run_dir / "best.pt", device)[0] for approach, run_dir in runs.items()}
-        volume_table = compare_volumes(models, config, artifact, volumes_dir, best, device, out, volume_cases, rule)
-        table += "\n" + volume_table
-        (out / "comparison.md").write_text(table)
+        table += "\n" + compare_volumes(models, config, artifact, volumes_dir, best, device, out, volume_cases, rule)
+    write_text(out / "comparison.md", table)
     from trainer.plots import plot_comparison
 
     plot_comparison(artifact, rows, seg, {k: o.probabilities for k, o in outcomes.items()}, config.task, out)
@@ -143,15 +141,8 @@ def _write_tables(outcomes: dict[str, Outcome], out: Path, best_single: str, sli
         records.append({"approach": name, "description": LABELS[name], **{c: o.metrics.get(c, float("nan")) for c in columns},
                         "dice_mean_ci_low": low, "dice_mean_ci_high": high, "parameters": o.parameters or "",
                         "train_seconds": round(o.train_seconds, 1) if o.train_seconds is not None else ""})
-    with open(out / "comparison.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-    with open(out / "comparison_cases.csv", "w", newline="") as handle:
-        case_rows = [{"approach": name, **case} for name, o in outcomes.items() for case in o.cases]
-        writer = csv.DictWriter(handle, fieldnames=list(case_rows[0]))
-        writer.writeheader()
-        writer.writerows(case_rows)
+    write_csv(out / "comparison.csv", records)
+    write_csv(out / "comparison_cases.csv", [{"approach": name, **case} for name, o in outcomes.items() for case in o.cases])
     lines = [
         f"# Which modality segments best? ({slices} test slices)",
         "",
@@ -175,10 +166,8 @@ def _write_tables(outcomes: dict[str, Outcome], out: Path, best_single: str, sli
         "interval is a 95% bootstrap over test cases. These 2D per-slice scores are not comparable to the "
         "BraTS 2023 leaderboard's lesion-wise 3D Dice.",
     ]
-    text = "\n".join(lines) + "\n"
-    (out / "comparison.md").write_text(text)
-    (out / "comparison.json").write_text(json.dumps(records, indent=2, default=float))
-    return text
+    write_json(out / "comparison.json", records)
+    return "\n".join(lines) + "\n"
 
 
 def _approach_volumes(models: dict[str, torch.nn.Module], config: FitConfig, images: np.ndarray,
