@@ -325,6 +325,9 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         (run_dir / "config.json").write_text(json.dumps(config_json, indent=2, default=str))
 
     use_cache = choose_cache(config, artifact, device)
+    if config.crop and config.crop >= min(artifact.slice_shape) and world.is_main:
+        print(f"--crop {config.crop}: not smaller than the {artifact.slice_shape[0]}x{artifact.slice_shape[1]} slices, "
+              "so training sees whole slices", flush=True)
     if world.is_main:
         print(f"run {run_dir}: {config.modality} ({', '.join(config.channels)}), {config.arch}/{config.encoder}, "
               f"{len(train_rows)} train rows, data {'held on the device' if use_cache else 'streamed from the file'}"
@@ -347,12 +350,14 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         started = time.perf_counter()
         torch.manual_seed(config.seed + epoch)
         train_source.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + epoch)
+        # per rank: under DDP each rank crops and augments its own rows differently
+        generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + epoch + 7919 * world.rank)
         train_metrics = _train_epoch(network, train_source, batches, loss_fn, optimizer, scaler, amp_dtype, generator,
                                      state, f"epoch {epoch + 1}/{config.epochs}", world.is_main)
         train_metrics.all_reduce()
         train_seconds = time.perf_counter() - started
-        val_metrics = evaluate(network, val_source, batches, amp_dtype)
+        # the unwrapped model: a rank with no validation rows must not wait in DDP's buffer broadcast
+        val_metrics = evaluate(model, val_source, batches, amp_dtype)
         val_metrics.all_reduce()
         val_seconds = time.perf_counter() - started - train_seconds
         row = {"epoch": epoch, "step": state["step"], "lr": config.lr, "train_seconds": round(train_seconds, 3),
