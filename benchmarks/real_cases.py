@@ -36,7 +36,7 @@ from trainer.volumes import Geometry, read_case, segment_case  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-brats18"
 CACHE = Path(__file__).resolve().parent / ".cache" / "real_cases"
-GRID = [CleanUp(v, s, e) for v, s, e in itertools.product((0, 100, 500, 2000), (0.0, 0.05, 0.2), (0, 200, 1000))]
+GRID = [CleanUp(v, s, e) for v, s, e in itertools.product((0, 1000), (0.0, 0.1, 0.3), (0, 500))]
 HEADLINE = ("lesion_dice_WT", "lesion_dice_TC", "lesion_dice_ET", "dice_WT", "dice_TC", "dice_ET",
             "lesion_fp_WT", "lesion_hd95_WT")
 

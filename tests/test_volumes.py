@@ -81,6 +81,10 @@ def test_clean_up_by_hand() -> None:
     assert (share > 0).sum() == 1000
     no_et = clean_up(labels, CleanUp(min_et_voxels=100))
     assert (no_et == 3).sum() == 0 and (no_et == 1).sum() == 64 + 8
+    speck = labels.copy()
+    speck[10, 10, 10] = 3  # a lone enhancing voxel inside the oedema: a stray core component, not a lesion
+    cleaned = clean_up(speck, CleanUp(min_voxels=10))
+    assert cleaned[10, 10, 10] == 2 and (cleaned == 3).sum() == 64  # back to oedema: still whole tumour
 
 
 def test_radiological_view_from_axis_codes() -> None:
