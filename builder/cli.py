@@ -26,7 +26,8 @@ def main() -> None:
 @click.option("--cases", default=60, show_default=True, type=click.IntRange(1), help="How many cases to write.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same cases.")
 @click.option("--first", default=0, show_default=True, type=click.IntRange(0), help="Index of the first case.")
-@click.option("--jobs", default=-1, show_default=True, help="Parallel processes (-1: all cores).")
+@click.option("--jobs", default=-1, show_default=True, callback=lambda _c, _p, v: _jobs(v),
+              help="Parallel processes (-1: all cores).")
 @click.option("--layout", type=click.Choice(sorted(LAYOUTS)), default="brats2023", show_default=True,
               help="File naming: BraTS 2023 (-t1n ... -seg) or 2020/2021 (_t1 ... _seg, ET as label 4).")
 @click.option("--uncompressed", is_flag=True, help="Write .nii instead of .nii.gz.")
@@ -46,7 +47,8 @@ def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, 
 @main.command(name="build")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--jobs", default=-1, show_default=True, help="Parallel processes (-1: all cores).")
+@click.option("--jobs", default=-1, show_default=True, callback=lambda _c, _p, v: _jobs(v),
+              help="Parallel processes (-1: all cores).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the train/val/test split.")
 @click.option("--val-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--test-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1))
@@ -92,6 +94,12 @@ def build_command(source: Path, out: Path, jobs: int, seed: int, val_fraction: f
     )
     for skipped in summary.skipped:
         click.echo(f"skipped {skipped.case_id}: {skipped.reason}")
+
+
+def _jobs(value: int) -> int:
+    if value == 0 or value < -1:
+        raise click.BadParameter(f"{value}: use a positive number of processes, or -1 for all cores", param_hint="--jobs")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -225,3 +225,13 @@ def test_version_1_files_still_read(artifact: Path, tmp_path: Path) -> None:
     opened = Artifact.open(old)
     assert not opened.background.any() and len(opened.background) == opened.rows
     assert opened.axis_codes == ("L", "P", "S") and opened.voxel_size == (1.0, 1.0, 1.0)
+
+
+def test_unknown_device_and_zero_jobs_are_one_line(artifact: Path, tmp_path: Path) -> None:
+    from builder.cli import main as build_main
+
+    args = [a if a != "cpu" else "tpu" for a in FAST]
+    assert "--device tpu" in _one_clear_line(CliRunner().invoke(main, ["fit", str(artifact), "-m", "t1n", "--out",
+                                                                       str(tmp_path), *args]))
+    built = CliRunner().invoke(build_main, ["build", str(tmp_path), str(tmp_path / "x.h5"), "--jobs", "0"])
+    assert built.exit_code == 2 and "--jobs" in built.output and "Traceback" not in built.output

@@ -107,7 +107,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FitError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FitError(f"--device {name}: not a device torch knows; use auto, cpu, cuda or cuda:N") from None
 
 
 class SummedLoss(nn.Module):
