@@ -54,3 +54,11 @@ def barrier(world: World) -> None:
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(model: torch.nn.Module, world: World) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP's forward would do: before evaluating the
+    unwrapped model, which every rank can do, with or without validation rows, without waiting on the others."""
+    if world.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)

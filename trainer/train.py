@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from builder.format import MODALITIES, canonical_modality
 from trainer.data import Artifact, DeviceCache, SliceDataset, make_loader
-from trainer.distributed import World, barrier, broadcast_object, init_world, shutdown
+from trainer.distributed import World, barrier, broadcast_buffers, broadcast_object, init_world, shutdown
 from trainer.metrics import SegmentationMetrics
 from trainer.model import build_model, read_checkpoint, save_checkpoint
 from trainer.transforms import NORMALISATIONS, augment, crop, normalise, pad, padding_for, random_crop
@@ -360,6 +360,7 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         train_metrics.all_reduce()
         train_seconds = time.perf_counter() - started
         # the unwrapped model: a rank with no validation rows must not wait in DDP's buffer broadcast
+        broadcast_buffers(model, world)
         val_metrics = evaluate(model, val_source, batches, amp_dtype)
         val_metrics.all_reduce()
         val_seconds = time.perf_counter() - started - train_seconds
