@@ -33,7 +33,7 @@ class CleanUp:
 
 
 #: What ``--clean-up`` applies: chosen on real held-out cases (README, "Whole volumes"; benchmarks/real_cases.py).
-DEFAULT_CLEAN_UP = CleanUp(min_voxels=0, min_share=0.0, min_et_voxels=0)
+DEFAULT_CLEAN_UP = CleanUp(min_voxels=0, min_share=0.3, min_et_voxels=0)
 
 
 def _small_components(mask: np.ndarray, rule: CleanUp) -> np.ndarray:
