@@ -38,7 +38,7 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "real-brats18"
 CACHE = Path(__file__).resolve().parent / ".cache" / "real_cases"
 GRID = [CleanUp(v, s, e) for v, s, e in itertools.product((0, 1000), (0.0, 0.1, 0.3), (0, 500))]
 HEADLINE = ("lesion_dice_WT", "lesion_dice_TC", "lesion_dice_ET", "dice_WT", "dice_TC", "dice_ET",
-            "lesion_fp_WT", "lesion_hd95_WT")
+            "lesion_fp_WT", "lesion_fp_TC", "lesion_fp_ET", "lesion_hd95_WT")
 
 
 def fold(held_out: str, cases: list, background: int, steps: int, work: Path) -> dict:

@@ -232,7 +232,8 @@ def _volume_table(summary: dict, regions: list[str], leader: str, subset: str, s
         return f"{m['mean']:.{digits}f} [{m['ci_low']:.{digits}f}, {m['ci_high']:.{digits}f}]"
 
     header = " | ".join([*(f"lesion-wise Dice {r}" for r in regions), *(f"lesion-wise HD95 {r}" for r in regions),
-                         *(f"Dice {r}" for r in regions), "false lesions / case", f"vs {LABELS[leader]}"])
+                         *(f"Dice {r}" for r in regions), "false lesions per case and region",
+                         f"lesion-wise Dice vs {LABELS[leader]}"])
     lines = [f"# Whole volumes, per patient ({scored} patients: {subset})", "",
              f"| approach | {header} |", "|---|" + "---|" * (3 * len(regions) + 2)]
     for name, s in summary.items():
