@@ -13,19 +13,18 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from builder.format import MODALITIES, SEG
+from builder.format import MODALITIES
 from trainer.cleanup import CleanUp, clean_up
 from trainer.data import Artifact
-from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, evaluate_rows, per_case
+from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, evaluate_rows, per_case, scorable
 from trainer.fusion import mean_probabilities, vote
 from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model
 from trainer.reports import write_csv, write_json, write_text
 from trainer.statistics import bootstrap_interval, paired_difference
 from trainer.train import FitConfig, FitError, fit, resolve_device
-from trainer.volumes import CaseError, Geometry, labels_of, read_case, score, segment
+from trainer.volumes import Geometry, labels_of, score, segment
 
 APPROACHES = (*MODALITIES, "all")
 LABELS = {"t1n": "T1 native", "t1c": "T1 contrast", "t2w": "T2", "t2f": "FLAIR", "all": "early fusion (4 channels)",
@@ -194,19 +193,10 @@ def compare_volumes(models: dict[str, torch.nn.Module], config: FitConfig, artif
     chosen = wanted[:limit] if limit else wanted
     cases, skipped = cases_for(volumes_dir, chosen)
     results = {name: VolumeResults() for name in LABELS}
-    geometry = Geometry.of(config)
-    for case_id, case in tqdm(cases.items(), desc="test volumes", unit="case", disable=None):
-        if not case.files[SEG].is_file():
-            skipped.append({"case_id": case_id, "reason": f"no {case.files[SEG].name} to score against"})
-            continue
-        try:
-            volumes = read_case(case, MODALITIES, geometry)
-        except CaseError as error:
-            skipped.append({"case_id": case_id, "reason": str(error)})
-            continue
+    for volumes in scorable(cases, MODALITIES, Geometry.of(config), skipped, "test volumes"):
         for name, labels in _approach_volumes(models, config, volumes.images, device, best).items():
             cleaned = labels if rule is None else clean_up(labels, rule)
-            results[name].rows.append({"case_id": case_id, **score(cleaned, volumes, config.task)})
+            results[name].rows.append({"case_id": volumes.case_id, **score(cleaned, volumes, config.task)})
     if not any(r.rows for r in results.values()):
         raise FitError(f"{volumes_dir}: no test case could be scored (first problem: "
                        f"{skipped[0]['reason'] if skipped else 'the test split is empty'})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from trainer.model import load_model
 from trainer.reports import write_csv, write_json
 from trainer.statistics import summarise
 from trainer.train import Batches, FitConfig, FitError, autocast_dtype, evaluate, resolve_device
-from trainer.volumes import CaseError, Geometry, read_case, score, segment_case
+from trainer.volumes import CaseError, CaseVolumes, Geometry, read_case, score, segment_case
 
 
 def per_case(records: list[dict[str, float]], artifact: Artifact) -> list[dict[str, Any]]:
@@ -106,9 +107,25 @@ def cases_for(volumes_dir: Path, case_ids: list[str]) -> tuple[dict[str, Case], 
     return {c: found[c] for c in case_ids if c in found}, missing
 
 
+def scorable(cases: dict[str, Case], channels: Sequence[str], geometry: Geometry, skipped: list[dict[str, str]],
+             desc: str) -> Iterator[CaseVolumes]:
+    """Each case read for scoring, with a progress bar; one without a seg, or that cannot be read or matched to
+    the model's geometry, becomes a line in ``skipped`` instead."""
+    for case_id, case in tqdm(cases.items(), desc=desc, unit="case", disable=None):
+        if not case.files[SEG].is_file():
+            skipped.append({"case_id": case_id, "reason": f"no {case.files[SEG].name} to score against"})
+            continue
+        try:
+            volumes = read_case(case, channels, geometry)
+        except CaseError as error:
+            skipped.append({"case_id": case_id, "reason": str(error)})
+            continue
+        yield volumes
+
+
 def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data: Path | None = None,
                      device_name: str = "auto", checkpoint: str = "best.pt", rule: CleanUp | None = DEFAULT_CLEAN_UP,
-                     limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+                     limit: int | None = None) -> dict[str, Any]:
     """Segment every case of ``split`` over its whole volume and score it; writes ``<split>_volumes.csv`` (a row
     per case) and ``<split>_volumes.json`` (means over patients with 95% bootstrap intervals) in ``run_dir``."""
     device = resolve_device(device_name)
@@ -119,24 +136,17 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
     chosen = wanted[:limit] if limit else wanted
     cases, skipped = cases_for(volumes_dir, chosen)
     results = VolumeResults(skipped=skipped)
-    geometry = Geometry.of(config)
-    for case_id, case in tqdm(cases.items(), desc=f"{split} volumes", unit="case", disable=None if progress else True):
-        if not case.files[SEG].is_file():
-            results.skipped.append({"case_id": case_id, "reason": f"no {case.files[SEG].name} to score against"})
-            continue
-        try:
-            volumes = read_case(case, config.channels, geometry)
-        except CaseError as error:
-            results.skipped.append({"case_id": case_id, "reason": str(error)})
-            continue
+    for volumes in scorable(cases, config.channels, Geometry.of(config), results.skipped, f"{split} volumes"):
         labels, run = segment_case(model, config, volumes, device, rule, progress=False)
-        results.rows.append({"case_id": case_id, "brain_slices": run.brain_slices, "predict_seconds": round(run.seconds, 3),
+        results.rows.append({"case_id": volumes.case_id, "brain_slices": run.brain_slices,
+                             "predict_seconds": round(run.seconds, 3),
                              "slices_per_second": round(run.slices_per_second, 1), **score(labels, volumes, config.task)})
     if not results.rows:
         raise FitError(f"{volumes_dir}: no {split} case could be scored (first problem: "
                        f"{results.skipped[0]['reason'] if results.skipped else 'the split is empty'})")
     report = {
-        "split": split, "checkpoint": checkpoint, "data": str(artifact.path), "volumes": str(volumes_dir),
+        "split": split, "checkpoint": checkpoint, "data": str(artifact.path), "data_sha256": config.data_sha256,
+        "volumes": str(volumes_dir),
         "cases_in_split": len(wanted), "cases_scored": len(results.rows),
         "subset": f"the first {limit} of {len(wanted)} cases (--limit)" if limit and limit < len(wanted) else None,
         "clean_up": asdict(rule) if rule is not None else None, "definition": VOLUME_DEFINITION,
