@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 import nibabel as nib
+import numpy as np
 
 from builder.format import MODALITIES, SEG
 from builder.labels import to_brats2023

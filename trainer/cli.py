@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from builder.format import MODALITIES, MODALITY_ALIASES
+from builder.format import MODALITIES, MODALITY_ALIASES, REGIONS
 from trainer.train import CACHES, LOSSES, TASKS, FitConfig
 from trainer.transforms import NORMALISATIONS
 
@@ -108,8 +108,8 @@ def fit(data: Path, modality: str | None, out: Path, name: str | None, resume: P
 
 def clean_up_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--clean-up/--no-clean-up", "clean", default=True, show_default=True,
-                        help="Drop small tumour components far from the main tumour, and ET too small to be real, "
-                             "from whole-volume predictions (trainer/cleanup.py).")(command)
+                        help="Clean whole-volume predictions up: per region (WT, TC, ET), drop components under 30% "
+                             "of the region's largest (trainer/cleanup.py; chosen on held-out real cases).")(command)
 
 
 def clean_rule(clean: bool) -> Any:
@@ -118,7 +118,7 @@ def clean_rule(clean: bool) -> Any:
     return DEFAULT_CLEAN_UP if clean else None
 
 
-def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = ("WT", "TC", "ET")) -> str:
+def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIONS)) -> str:
     """One line of the headline whole-volume scores: lesion-wise Dice and HD95, then legacy Dice, per region."""
     def value(key: str) -> Any:
         found = scores.get(key)

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from builder.format import DEFAULT_AXIS_CODES  # noqa: E402
+
 #: RGBA per label: NCR red, ED green, ET yellow (the usual BraTS colours); background transparent.
 LABEL_COLOURS = np.array([[0, 0, 0, 0], [1, 0.15, 0.15, 0.8], [0.2, 0.85, 0.2, 0.55], [1, 0.9, 0, 0.85]])
 CURVES = (("loss", "loss"), ("pixel_accuracy", "pixel accuracy"), ("mean_iou", "mean IoU"), ("mse", "MSE"),
@@ -39,7 +41,7 @@ def radiological(image: np.ndarray, axis_codes: Sequence[str]) -> np.ndarray:
 
 
 def show_slice(ax: plt.Axes, image: np.ndarray, labels: np.ndarray | None = None, title: str = "",
-               axis_codes: Sequence[str] = ("L", "P", "S")) -> None:
+               axis_codes: Sequence[str] = DEFAULT_AXIS_CODES) -> None:
     """A slice in radiological convention (see ``radiological``), optionally with labels over it."""
     ax.imshow(radiological(image, axis_codes), cmap="gray", origin="upper")
     if labels is not None:

@@ -22,6 +22,7 @@ from builder.format import DEFAULT_AXIS_CODES, DEFAULT_VOXEL_SIZE, SEG
 from builder.labels import to_brats2023
 from builder.layout import Case
 from trainer.cleanup import CleanUp, clean_up
+from trainer.metrics import region_names
 from trainer.scoring import score_case
 from trainer.train import Batches, FitConfig, FitError, autocast_context, autocast_dtype
 
@@ -184,14 +185,9 @@ def segment_case(model: torch.nn.Module, config: FitConfig, case: CaseVolumes, d
     return (labels if rule is None else clean_up(labels, rule)), result
 
 
-def regions_of(task: str) -> tuple[str, ...]:
-    """The BraTS regions a task's labels can be scored on (binary models know only the whole tumour)."""
-    return ("WT", "TC", "ET") if task == "multiclass" else ("WT",)
-
-
 def score(labels: np.ndarray, case: CaseVolumes, task: str) -> dict[str, float]:
     """The whole-volume scores of ``trainer.scoring`` and how long they took."""
     started = time.perf_counter()
     assert case.truth is not None
-    scores = score_case(labels, case.truth, case.spacing, regions_of(task))
+    scores = score_case(labels, case.truth, case.spacing, region_names(task))
     return {**scores, "score_seconds": round(time.perf_counter() - started, 3)}
