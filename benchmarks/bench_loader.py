@@ -13,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import replicated_artifact  # noqa: E402
 
 from trainer.data import Artifact, DeviceCache, SliceDataset, make_loader  # noqa: E402
-from trainer.train import Batches, FitConfig, make_loss  # noqa: E402
+from trainer.config import FitConfig  # noqa: E402
+from trainer.pipeline import Batches  # noqa: E402
+from trainer.step import make_loss  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 
 BATCH = 16

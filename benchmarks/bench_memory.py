@@ -15,7 +15,7 @@ STEPS = 24
 
 def peak_for(artifact: Path, out: Path) -> float:
     return tree_peak_rss_mb(
-        "from trainer.train import FitConfig, fit\n"
+        "from trainer.config import FitConfig\nfrom trainer.train import fit\n"
         f"fit(FitConfig(data={str(artifact)!r}, modality='t2f', encoder='resnet18', encoder_weights=None,\n"
         f"    batch_size=8, workers=2, crop=128, epochs=1000, patience=1000, max_steps={STEPS}, device='cpu',\n"
         f"    out={str(out)!r}))\n"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builder.layout import find_cases  # noqa: E402
 from trainer.cleanup import DEFAULT_CLEAN_UP  # noqa: E402
 from trainer.model import build_model, load_model  # noqa: E402
-from trainer.train import FitConfig  # noqa: E402
+from trainer.config import FitConfig  # noqa: E402
 from trainer.volumes import Geometry, read_case, score, segment_case  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-brats18"

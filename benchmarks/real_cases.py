@@ -31,7 +31,8 @@ from builder.layout import find_cases  # noqa: E402
 from trainer.cleanup import CleanUp, clean_up  # noqa: E402
 from trainer.model import load_model  # noqa: E402
 from trainer.scoring import score_case  # noqa: E402
-from trainer.train import FitConfig, fit  # noqa: E402
+from trainer.config import FitConfig  # noqa: E402
+from trainer.train import fit  # noqa: E402
 from trainer.volumes import Geometry, read_case, segment_case  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-brats18"

@@ -84,3 +84,24 @@ def test_class_counts_equal_smp_get_stats_on_random_batches() -> None:
         expected = smp.metrics.get_stats(pred, target, mode="multiclass", num_classes=classes)[:3]
         for ours, theirs in zip(class_counts(pred, target, classes), expected):
             assert torch.equal(ours, theirs.sum(0))
+
+
+def test_region_dice_equals_smp_f1_and_the_volume_dice() -> None:
+    """The one Dice (``dice_from_counts``) on the device per slice, against smp's F1 on the same masks and against
+    the whole-volume ``trainer.scoring.dice`` slice by slice."""
+    import numpy as np
+    import segmentation_models_pytorch as smp
+
+    from trainer.metrics import region_dice, region_masks
+    from trainer.scoring import dice
+
+    generator = torch.Generator().manual_seed(1)
+    pred = torch.randint(0, 4, (6, 9, 11), generator=generator)
+    target = torch.randint(0, 4, (6, 9, 11), generator=generator)
+    pred[0], target[0] = 0, 0  # empty in both: 1
+    ours = region_dice(pred, target, "multiclass")
+    stats = smp.metrics.get_stats(region_masks(pred, "multiclass"), region_masks(target, "multiclass"), mode="multilabel")
+    assert torch.allclose(ours, smp.metrics.f1_score(*stats, reduction="none", zero_division=1.0).float())
+    masks_p, masks_t = region_masks(pred, "multiclass").bool().numpy(), region_masks(target, "multiclass").bool().numpy()
+    expected = np.array([[dice(masks_p[b, r], masks_t[b, r]) for r in range(3)] for b in range(6)])
+    assert np.allclose(ours.numpy(), expected) and (ours[0] == 1).all()

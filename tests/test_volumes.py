@@ -17,7 +17,7 @@ from trainer.cleanup import CleanUp, clean_up
 from trainer.cli import main
 from trainer.model import load_model
 from trainer.plots import radiological
-from trainer.train import FitConfig
+from trainer.config import FitConfig
 from trainer.volumes import segment
 
 CASE = "BraTS-GLI-00003-000"

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import segmentation_models_pytorch as smp
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from builder.format import REGIONS
+from trainer.scoring import dice_from_counts
 
 
 def region_names(task: str) -> tuple[str, ...]:
@@ -32,9 +32,10 @@ def region_masks(labels: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def region_dice(pred: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
-    """(B, R) Dice of each region per slice; 1 where the region is absent from both."""
-    tp, fp, fn, tn = smp.metrics.get_stats(region_masks(pred, task), region_masks(target, task), mode="multilabel")
-    return smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
+    """(B, R) Dice of each region per slice; 1 where the region is absent from both (``dice_from_counts``)."""
+    predicted, truth = region_masks(pred, task).bool(), region_masks(target, task).bool()
+    tp = (predicted & truth).sum((2, 3))
+    return dice_from_counts(tp, predicted.sum((2, 3)) - tp, truth.sum((2, 3)) - tp).float()
 
 
 def class_counts(pred: torch.Tensor, target: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

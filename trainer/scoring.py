@@ -20,6 +20,7 @@ of a millimetre.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -47,10 +48,21 @@ def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
     return np.isin(labels, REGIONS[region])
 
 
+def dice_from_counts(tp: Any, fp: Any, fn: Any) -> Any:
+    """The one Dice of brats2d: 2tp / (2tp + fp + fn), and 1 where prediction and truth are both empty.
+
+    Arithmetic only, so it works alike on numbers, numpy arrays and torch tensors (on the device, no sync):
+    training's per-slice region Dice, evaluate, compare and predict all call it.
+    """
+    denominator = 2 * tp + fp + fn
+    empty = denominator == 0
+    return (2 * tp + empty) / (denominator + empty)
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """2|P and T| / (|P| + |T|); 1 when both masks are empty."""
-    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(truth))
-    return 1.0 if total == 0 else 2.0 * np.count_nonzero(pred & truth) / total
+    """Dice of two boolean masks (1 when both are empty)."""
+    tp = int(np.count_nonzero(pred & truth))
+    return float(dice_from_counts(tp, int(np.count_nonzero(pred)) - tp, int(np.count_nonzero(truth)) - tp))
 
 
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:

@@ -1,0 +1,81 @@
+"""The device-side batch pipeline: where batches come from (streamed or held on the device) and how stored rows
+become network inputs and targets there, the same way for training, evaluation and whole volumes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from trainer.config import FitConfig
+from trainer.data import Artifact, DeviceCache, SliceDataset, make_loader
+from trainer.distributed import World
+from trainer.transforms import augment, crop, normalise, pad, padding_for, random_crop
+
+#: The device cache is used automatically when the split needs less than this share of free GPU memory.
+DEVICE_CACHE_SHARE = 0.25
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16 (with a grad scaler); no autocast on CPUs."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """Autocast to ``dtype`` on the device, or nothing when mixed precision is off."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class Batches:
+    """Turns stored batches into network inputs and targets on the device, the same way for train and eval."""
+
+    def __init__(self, config: FitConfig, slice_shape: tuple[int, int], device: torch.device) -> None:
+        self.config, self.device = config, device
+        self.padding = padding_for(*slice_shape)
+        self.channels_last = device.type == "cuda"
+
+    def inputs(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network input and class targets; with a ``generator`` (training) augmented and maybe cropped."""
+        images = normalise(images.to(self.device, non_blocking=True), self.config.norm)
+        target = labels.to(self.device, non_blocking=True).long()
+        if self.config.task == "binary":
+            target = (target > 0).long()
+        if generator is not None:
+            if self.config.augment:
+                images, target = augment(images, target, generator)
+            if self.config.crop:
+                images, target = random_crop(images, target, self.config.crop, generator)
+                return self._layout(images), target
+        return self._layout(pad(images, self.padding)), target
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def crop(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Logits at the target's size: undo the padding of whole slices (training patches have none)."""
+        return logits if logits.shape[-2:] == target.shape[-2:] else crop(logits, self.padding)
+
+
+def make_source(config: FitConfig, artifact: Artifact, split: str, train: bool, device: torch.device,
+                world: World, use_cache: bool) -> Iterable:
+    """Batches of ``split``: a DataLoader streaming from the file, or the split held on the device."""
+    dataset = SliceDataset(artifact.path, artifact.rows_of(split), config.channels, artifact.stamp)
+    if use_cache:
+        return DeviceCache(dataset, config.batch_size, train, config.seed, device, world.rank, world.size)
+    return make_loader(dataset, config.batch_size, train, config.workers, config.seed, world.rank, world.size,
+                       pin_memory=device.type == "cuda")
+
+
+def choose_cache(config: FitConfig, artifact: Artifact, device: torch.device) -> bool:
+    """Whether to hold the splits on the device: asked for, or (auto) on a GPU with room to spare."""
+    if config.cache != "auto":
+        return config.cache == "device"
+    if device.type != "cuda":
+        return False
+    needed = sum(DeviceCache.nbytes(artifact.path, len(artifact.splits[s]), config.channels) for s in ("train", "val"))
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed < DEVICE_CACHE_SHARE * free
