@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +24,7 @@ from builder.extract import CaseHeaders, CaseRows, Skipped, SliceRule, read_case
 from builder.format import FORMAT_VERSION, MODALITIES
 from builder.layout import Case, find_cases
 from builder.split import split_cases, split_rows
-from builder.writer import COMPRESSION_NAME, ArtifactWriter
+from builder.writer import DEFAULT_COMPRESSION, ArtifactWriter, remove_stale_partials
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,6 +45,7 @@ class BuildOptions:
     backend: str = "loky"
     scheduler: str | None = None
     progress: bool = True
+    compression: str = DEFAULT_COMPRESSION
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class BuildSummary:
     split_rows: dict[str, int]
     skipped: list[Skipped]
     seconds: float
+    removed_partials: list[Path] = field(default_factory=list)
 
 
 @contextmanager
@@ -127,21 +133,82 @@ def build(source: Path, out: Path, options: BuildOptions = BuildOptions()) -> Bu
         raise BuildError(f"{source}: no such folder (point SOURCE at the folder holding the BraTS case folders)")
     if out.is_dir():
         raise BuildError(f"{out}: is a folder; give a file name such as {out / 'brats2023.h5'}")
+    unreadable: list[tuple[Path, str]] = []
     try:
-        cases = find_cases(source)
+        cases = find_cases(source, unreadable)
     except ValueError as error:
         raise BuildError(str(error)) from None
+    if not cases and unreadable:
+        raise BuildError(f"{unreadable[0][0]}: {unreadable[0][1]}")
     if not cases:
         raise BuildError(
             f"{source}: no BraTS case folders found (expected folders like BraTS-GLI-00000-000/ holding "
             "BraTS-GLI-00000-000-t1n.nii.gz ... -seg.nii.gz, or BraTS2021_00000/ with _t1 ... _seg files)"
         )
+    removed = remove_stale_partials(out)
     try:
-        writer = ArtifactWriter(out)
+        writer = ArtifactWriter(out, options.compression)
     except OSError as error:
         raise BuildError(f"{out}: cannot write here ({error.strerror or error}); choose another OUT path") from None
-    with writer, parallel_backend(options.backend, options.jobs, options.scheduler):
-        return _build_into(writer, source, cases, options, started)
+    early = [Skipped(path.name, reason) for path, reason in unreadable]
+    try:
+        with writer, _removed_on_signal(writer.tmp), parallel_backend(options.backend, options.jobs, options.scheduler):
+            summary = _build_into(writer, source, cases, early, options, started)
+    except OSError as error:  # the writer reports every failed write (full disk, quota) as OSError
+        raise BuildError(f"{out}: writing failed ({_write_failure(error)}); the partial file was removed and "
+                         f"{out.name} is unchanged: free some space (or choose another OUT) and build again") from None
+    return BuildSummary(**{**summary.__dict__, "removed_partials": removed})
+
+
+def _write_failure(error: OSError) -> str:
+    """The cause in words: the OS's reason, or HDF5's first line (a full disk, mostly)."""
+    if error.errno:
+        return os.strerror(error.errno)  # h5py puts HDF5's long text in strerror; the errno says it plainly
+    return f"HDF5 could not write, is the disk full? {str(error).splitlines()[0][:60]}"
+
+
+@contextmanager
+def _removed_on_signal(partial: Path) -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, ``docker stop``) and SIGINT (Ctrl-C) end the build at once: the partial
+    file is removed, the worker processes are killed, OUT is left as it was. Handled in the handler itself,
+    because an exception raised inside joblib's result generator can be swallowed while it shuts its pool down."""
+    def stop(signum: int, _frame: object) -> None:
+        partial.unlink(missing_ok=True)
+        _kill_descendants()
+        print(f"\nbuild stopped by {signal.Signals(signum).name}: removed {partial.name}; the output was not changed",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    else:  # signal handlers can only be installed from the main thread (e.g. a build started from a notebook thread)
+        previous = {}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process below this one (joblib's loky workers, a local Dask cluster), read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
+        tree |= frontier
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _check_strict(options: BuildOptions, skipped: list[Skipped]) -> None:
@@ -151,9 +218,11 @@ def _check_strict(options: BuildOptions, skipped: list[Skipped]) -> None:
 
 
 def _build_into(
-    writer: ArtifactWriter, source: Path, cases: list[Case], options: BuildOptions, started: float
+    writer: ArtifactWriter, source: Path, cases: list[Case], early: list[Skipped], options: BuildOptions,
+    started: float
 ) -> BuildSummary:
-    skipped: list[Skipped] = []
+    skipped: list[Skipped] = list(early)
+    _check_strict(options, skipped)
     headers: list[CaseHeaders] = []
     for result in _map(read_case_headers, cases, len(cases), "headers", options.progress):
         (skipped if isinstance(result, Skipped) else headers).append(result)
@@ -203,7 +272,6 @@ def _build_into(
             "cases_scanned": len(cases),
             "cases_written": len(written),
             "skipped": [{"case_id": s.case_id, "reason": s.reason} for s in skipped],
-            "compression": COMPRESSION_NAME,
         },
     )
     return BuildSummary(

@@ -14,6 +14,7 @@ from builder.inspect import describe, verify
 from builder.labels import LABEL4_CHOICES
 from builder.layout import LAYOUTS
 from builder.synth import write_case
+from builder.writer import COMPRESSIONS, DEFAULT_COMPRESSION
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,30 +64,39 @@ def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, 
               help="What seg label 4 means: auto = enhancing tumour in pre-2023 names (Brats18_..., BraTS2021_...), "
                    "and a skipped case in 2023-style names (BraTS 2024 uses 4 for the resection cavity); "
                    "et = enhancing tumour; background = not tumour.")
+@click.option("--compression", type=click.Choice(sorted(COMPRESSIONS)), default=DEFAULT_COMPRESSION, show_default=True,
+              help="blosc-lz4: smallest and fastest, but readers need the Blosc plugin (Python: hdf5plugin); "
+                   "gzip: HDF5's built-in deflate, readable by any HDF5 tool (h5py alone, h5ls, HDFView, MATLAB); "
+                   "none: largest, readable anywhere.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad case instead of skipping it.")
 @click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
               help="joblib backend: local processes, or a Dask cluster.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://HOST:PORT); default: a local cluster.")
 def build_command(source: Path, out: Path, jobs: int, seed: int, val_fraction: float, test_fraction: float,
-                  slices_per_case: str, min_tumour_voxels: int, background_slices: int, label4: str, strict: bool,
-                  backend: str, scheduler: str | None) -> None:
+                  slices_per_case: str, min_tumour_voxels: int, background_slices: int, label4: str,
+                  compression: str, strict: bool, backend: str, scheduler: str | None) -> None:
     """Build OUT (an .h5 file) from the BraTS case folders under SOURCE.
 
     Reads each case's seg in full, picks its densest axial slice(s), reads just those slices of the four
     modalities, and streams the rows into OUT with split indices by patient (all scans of a patient in one
     split). Bad cases, and cases whose orientation or voxel size differs from the rest, are skipped and listed.
+
+    OUT appears only when complete: a failed, killed or interrupted (Ctrl-C, SIGTERM) build leaves the previous
+    OUT as it was and no partial file (partials of builds killed with -9 are removed by the next build).
     """
     per_case = None if slices_per_case == "all" else _positive_int(slices_per_case)
     options = BuildOptions(
         jobs=jobs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
         rule=SliceRule(per_case=per_case, min_tumour_voxels=min_tumour_voxels, background=background_slices,
                        label4=label4),
-        strict=strict, backend=backend, scheduler=scheduler,
+        strict=strict, backend=backend, scheduler=scheduler, compression=compression,
     )
     try:
         summary = build(source, out, options)
     except BuildError as error:
         raise click.ClickException(str(error)) from None
+    for partial in summary.removed_partials:
+        click.echo(f"removed {partial}, left by a build that no longer runs")
     splits = ", ".join(f"{name} {n}" for name, n in summary.split_rows.items())
     click.echo(
         f"wrote {summary.out}: {summary.rows} rows from {summary.cases_written}/{summary.cases_scanned} cases "
@@ -120,8 +130,10 @@ def info(file: Path) -> None:
     _existing_file(file)
     try:
         click.echo(describe(file))
-    except (OSError, KeyError) as error:
-        raise click.ClickException(f"{file}: not a brats2d artifact ({error}); run `brats-build verify {file}`") from None
+    except (OSError, KeyError, ValueError) as error:
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise click.ClickException(f"{file}: not a readable brats2d artifact ({reason}); run `brats-build verify {file}`"
+                                   ) from None
 
 
 @main.command(name="verify")
@@ -129,7 +141,10 @@ def info(file: Path) -> None:
 def verify_command(file: Path) -> None:
     """Check shapes, labels, splits and every chunk's checksum; exit 1 naming each problem."""
     _existing_file(file)
-    problems = verify(file)
+    try:
+        problems = verify(file)
+    except ValueError as error:  # an attribute out of the format's bounds
+        problems = [str(error)]
     if problems:
         for problem in problems:
             click.echo(f"{file}: {problem}", err=True)

@@ -1,15 +1,18 @@
 """The HDF5 artifact's contract (datasets/FORMAT.md), shared by the builder and the trainer.
 
-Standard library only: the trainer imports this module without needing nibabel or joblib.
+Standard library and numpy only: the trainer imports this module without needing nibabel or joblib.
 """
 
 import hashlib
 import json
 from pathlib import Path
 
-FORMAT_VERSION = 2
-#: Versions readers accept: v1 files lack /background, the geometry attributes and patient-grouped splits.
-READABLE_VERSIONS = (1, 2)
+import numpy as np
+
+FORMAT_VERSION = 3
+#: Versions readers accept: v1 files lack /background, the geometry attributes and patient-grouped splits;
+#: v2 files lack the build id and the checksums of the row metadata and splits.
+READABLE_VERSIONS = (1, 2, 3)
 
 #: Canonical BraTS 2023 modality names, in the order the builder stores and early fusion stacks them.
 MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
@@ -37,6 +40,15 @@ DEFAULT_AXIS_CODES: tuple[str, str, str] = ("L", "P", "S")
 DEFAULT_VOXEL_SIZE: tuple[float, float, float] = (1.0, 1.0, 1.0)
 SPLIT_GROUP = "split"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Root attribute: a random id fixed when the file is built; runs record it and check it (v3).
+DATA_ID = "data_id"
+#: Attributes are decoded only within these bounds: a crafted file cannot exhaust memory or the parser's stack.
+MAX_ATTRIBUTE_CHARS = 4_000_000
+MAX_ATTRIBUTE_DEPTH = 8
+
+
+class BadAttribute(ValueError):
+    """A root attribute that is not what the format allows (too large, too deep, not JSON)."""
 
 
 def canonical_modality(name: str) -> str:
@@ -49,11 +61,53 @@ def canonical_modality(name: str) -> str:
     return key
 
 
-def decode_attribute(value: object) -> object:
-    """An HDF5 root attribute as Python: JSON text (lists, objects) parsed, numpy scalars made plain."""
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return value.item() if hasattr(value, "item") else value
+def decode_attribute(value: object, name: str = "attribute") -> object:
+    """An HDF5 root attribute as Python: JSON text (lists, objects) parsed, numpy scalars made plain.
+
+    Raises BadAttribute for text over MAX_ATTRIBUTE_CHARS, nesting deeper than MAX_ATTRIBUTE_DEPTH, bad JSON,
+    or anything that is not a string or a number (the format never stores arrays or objects there).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        if len(value) > MAX_ATTRIBUTE_CHARS:
+            raise BadAttribute(f"attribute {name} holds {len(value)} characters (at most {MAX_ATTRIBUTE_CHARS})")
+        if value[:1] not in ("[", "{"):
+            return value
+        try:
+            decoded = json.loads(value)
+        except (ValueError, RecursionError):
+            raise BadAttribute(f"attribute {name} is not valid JSON, or nests too deeply") from None
+        if _depth(decoded) > MAX_ATTRIBUTE_DEPTH:
+            raise BadAttribute(f"attribute {name} nests deeper than {MAX_ATTRIBUTE_DEPTH} levels")
+        return decoded
+    if isinstance(value, (np.integer, np.floating, int, float)) and not isinstance(value, bool):
+        return value.item() if hasattr(value, "item") else value
+    raise BadAttribute(f"attribute {name} is a {type(value).__name__}, not text or a number")
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def split_problem(splits: dict[str, np.ndarray], rows: int) -> str | None:
+    """What is wrong with split indices for a file of ``rows`` rows, or None: each split must be integer row
+    numbers, sorted, unique and in range, and no row may be in two splits."""
+    for name, indices in splits.items():
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            return f"split {name} is not a list of integer row numbers"
+        if indices.size and (indices[0] < 0 or indices[-1] >= rows or not np.all(np.diff(indices) > 0)):
+            return f"split {name} holds row numbers that are unsorted, repeated or outside 0..{rows - 1}"
+    every = np.concatenate([indices for indices in splits.values()])
+    if np.unique(every).size != every.size:
+        return "the splits share rows"
+    return None
 
 
 def file_sha256(path: Path | str) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 from builder.format import (
     BACKGROUND,
     CASE_ID,
+    DATA_ID,
     READABLE_VERSIONS,
     SEG,
     SLICE_INDEX,
@@ -19,9 +20,14 @@ from builder.format import (
     SPLITS,
     decode_attribute,
     file_sha256,
+    split_problem,
 )
 
 _BLOCK = 256  # rows read at a time while verifying: bounded memory on any file size
+#: HDF5 filters by the name h5py reports, and what a reader needs for each (registered ids for plugins).
+_FILTERS = {"gzip": "built into HDF5", "shuffle": "built into HDF5", "fletcher32": "built into HDF5",
+            "lzf": "h5py's LZF filter (h5py only)", "32001": "the Blosc plugin (Python: import hdf5plugin)",
+            "32004": "the LZ4 plugin (Python: import hdf5plugin)", "32015": "the Zstd plugin (Python: import hdf5plugin)"}
 
 
 @dataclass
@@ -35,7 +41,13 @@ class Report:
 
 
 def _attr(f: h5py.File, key: str) -> object:
-    return decode_attribute(f.attrs.get(key))
+    return decode_attribute(f.attrs.get(key), key)
+
+
+def filters_needed(f: h5py.File) -> list[str]:
+    """Each filter the row datasets use and what a reader needs for it, e.g. "32001 (blosc): the Blosc plugin"."""
+    names = {name for m in (*(_attr(f, "modalities") or []), SEG) if m in f for name in f[m]._filters}
+    return [f"{name}: {_FILTERS.get(name, 'an HDF5 plugin with this id')}" for name in sorted(names)]
 
 
 def describe(path: Path) -> str:
@@ -53,7 +65,9 @@ def describe(path: Path) -> str:
             f"slices: {_attr(f, 'slice_rule')}",
             f"built by brats2d builder {_attr(f, 'builder_version')} on {_attr(f, 'created')} "
             f"from {_attr(f, 'source')} ({', '.join(_attr(f, 'source_layouts') or [])}), seed {_attr(f, 'seed')}",
-            f"storage: {_attr(f, 'compression')}, fletcher32 checksums, one slice per chunk",
+            f"storage: {_attr(f, 'compression') or 'blosc-lz4'}, fletcher32 checksums, one slice per chunk; "
+            f"filters a reader needs: {'; '.join(filters_needed(f))}",
+            f"build id: {_attr(f, DATA_ID) or 'none (format before v3)'}",
             f"geometry: axis codes {''.join(_attr(f, 'axis_codes') or ['?'])}, voxel size {_attr(f, 'voxel_size')} mm; "
             f"splits by {_attr(f, 'split_unit') or 'case'}",
         ]
@@ -66,14 +80,24 @@ def describe(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _check_rows(f: h5py.File, name: str, rows: int, report: Report) -> None:
-    """Read every chunk (so HDF5 checks its fletcher32 checksum) and, for the seg, the label range."""
+def _case_of(case_ids: np.ndarray | None, row: int) -> str:
+    return f" (case {case_ids[row]})" if case_ids is not None and row < len(case_ids) else ""
+
+
+def _check_rows(f: h5py.File, name: str, rows: int, case_ids: np.ndarray | None, report: Report) -> None:
+    """Read every chunk (so HDF5 checks its fletcher32 checksum) and, for the seg, the label range; a damaged
+    block is read again row by row to name each damaged row and its case."""
     dataset = f[name]
     for start in range(0, rows, _BLOCK):
         try:
             block = dataset[start : start + _BLOCK]
         except OSError as error:
-            report.check(False, f"/{name}: rows {start}-{min(start + _BLOCK, rows) - 1} unreadable ({error})")
+            for row in range(start, min(start + _BLOCK, rows)):
+                try:
+                    dataset[row]
+                except OSError:
+                    report.check(False, f"/{name}: row {row}{_case_of(case_ids, row)} unreadable "
+                                        f"({str(error).splitlines()[0][:80]})")
             continue
         if name == SEG and not report.check(int(block.max(initial=0)) <= 3, f"/{name}: label values above 3"):
             return
@@ -92,6 +116,11 @@ def verify(path: Path) -> list[str]:
         version = _attr(f, "format_version")
         if not report.check(version in READABLE_VERSIONS, f"format_version {version} is not one of {READABLE_VERSIONS}"):
             return report.problems
+        for key in f.attrs:
+            try:
+                _attr(f, key)
+            except ValueError as error:  # BadAttribute: out of the format's bounds
+                report.check(False, str(error))
         modalities = _attr(f, "modalities") or []
         names = [*modalities, SEG]
         for name in [*names, CASE_ID, SLICE_INDEX, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)]:
@@ -104,23 +133,39 @@ def verify(path: Path) -> list[str]:
             report.check(f[name].fletcher32, f"/{name}: written without checksums")
         report.check(f[CASE_ID].shape == (rows,), f"/{CASE_ID}: {f[CASE_ID].shape[0]} entries for {rows} rows")
         report.check(f[SLICE_INDEX].shape == (rows,), f"/{SLICE_INDEX}: {f[SLICE_INDEX].shape[0]} entries for {rows} rows")
-        if report.problems:
+        if version >= 3:
+            for name in (CASE_ID, SLICE_INDEX, BACKGROUND, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)):
+                report.check(name in f and f[name].fletcher32, f"/{name}: written without checksums")
+        metadata = {name: _read_whole(f, name, report) for name in (CASE_ID, SLICE_INDEX)}
+        splits = {s: _read_whole(f, f"{SPLIT_GROUP}/{s}", report) for s in SPLITS}
+        if any(value is None for value in (*metadata.values(), *splits.values())):
             return report.problems
-        splits = {s: f[SPLIT_GROUP][s][()] for s in SPLITS}
+        case_ids = metadata[CASE_ID]
         if version >= 2 and report.check(BACKGROUND in f, f"/{BACKGROUND}: missing"):
-            background = f[BACKGROUND][()].astype(bool)
-            report.check(background.shape == (rows,), f"/{BACKGROUND}: {background.shape[0]} entries for {rows} rows")
-            tumour = [row for row in np.flatnonzero(background[:rows]) if f[SEG][int(row)].any()]
-            report.check(not tumour, f"/{BACKGROUND}: rows marked tumour-free hold tumour labels: {tumour[:5]}")
-        for s, indices in splits.items():
-            report.check(bool(np.all(np.diff(indices) > 0)), f"split {s}: indices not sorted and unique")
-        every = np.concatenate(list(splits.values()))
-        report.check(np.array_equal(np.sort(every), np.arange(rows)), "splits do not cover every row exactly once")
-        case_ids = f[CASE_ID].asstr()[()]
-        cases = {s: set(case_ids[indices[(indices >= 0) & (indices < rows)]]) for s, indices in splits.items()}
-        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-            shared = cases[a] & cases[b]
-            report.check(not shared, f"splits {a} and {b} share cases: {', '.join(sorted(shared)[:3])}")
+            background = _read_whole(f, BACKGROUND, report)
+            if background is not None:
+                background = background.astype(bool)
+                report.check(background.shape == (rows,), f"/{BACKGROUND}: {background.shape[0]} entries for {rows} rows")
+                tumour = [row for row in np.flatnonzero(background[:rows]) if f[SEG][int(row)].any()]
+                report.check(not tumour, f"/{BACKGROUND}: rows marked tumour-free hold tumour labels: {tumour[:5]}")
+        problem = split_problem(splits, rows)  # type: ignore[arg-type]
+        report.check(problem is None, f"splits: {problem}")
+        if problem is None:
+            every = np.concatenate(list(splits.values()))  # type: ignore[arg-type]
+            report.check(every.size == rows, f"splits hold {every.size} of the {rows} rows, not every row once")
+            cases = {s: set(case_ids[indices]) for s, indices in splits.items()}  # type: ignore[index]
+            for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+                shared = cases[a] & cases[b]
+                report.check(not shared, f"splits {a} and {b} share cases: {', '.join(sorted(shared)[:3])}")
         for name in names:
-            _check_rows(f, name, rows, report)
+            _check_rows(f, name, rows, case_ids, report)
     return report.problems
+
+
+def _read_whole(f: h5py.File, name: str, report: Report) -> np.ndarray | None:
+    """A small dataset (row metadata, a split) read whole; None and a problem when its checksum fails."""
+    try:
+        return f[name].asstr()[()] if f[name].dtype.kind in "SO" else f[name][()]
+    except OSError as error:
+        report.check(False, f"/{name}: unreadable, damaged ({str(error).splitlines()[0][:80]})")
+        return None

@@ -47,16 +47,18 @@ class Case:
         return [name for name in (*MODALITIES, SEG) if not self.files[name].is_file()]
 
 
-def _file_for(folder: Path, case_id: str, separator: str, suffix: str, names: set[str]) -> Path | None:
+def _file_for(folder: Path, case_id: str, separator: str, suffix: str, names: dict[str, str]) -> Path | None:
     for extension in _EXTENSIONS:
-        name = f"{case_id}{separator}{suffix}{extension}"
+        name = f"{case_id}{separator}{suffix}{extension}".lower()
         if name in names:
-            return folder / name
+            return folder / names[name]
     return None
 
 
-def _as_case(folder: Path, names: set[str]) -> Case | None:
-    """The folder as a case if it holds at least one file named after it in a known layout."""
+def _as_case(folder: Path, files: list[str]) -> Case | None:
+    """The folder as a case if it holds at least one file named after it in a known layout (file names matched
+    without regard to case: ``X-t1n.NII.GZ`` is read like ``X-t1n.nii.gz``)."""
+    names = {name.lower(): name for name in sorted(files)}
     case_id = folder.name
     for layout, (separator, suffixes) in LAYOUTS.items():
         found = {key: _file_for(folder, case_id, separator, suffix, names) for key, suffix in suffixes.items()}
@@ -69,11 +71,19 @@ def _as_case(folder: Path, names: set[str]) -> Case | None:
     return None
 
 
-def find_cases(source: Path) -> list[Case]:
-    """Every case folder at or below ``source``, sorted by case id (independent of file-system order)."""
+def find_cases(source: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Case]:
+    """Every case folder at or below ``source``, sorted by case id (independent of file-system order).
+
+    Folders that cannot be listed (permissions) are appended to ``unreadable`` with the reason, when it is given.
+    """
     cases: list[Case] = []
-    for root, dirs, files in os.walk(source, followlinks=True):
-        case = _as_case(Path(root), set(files))
+
+    def note(error: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((Path(error.filename), f"folder cannot be read ({error.strerror}): fix its permissions"))
+
+    for root, dirs, files in os.walk(source, followlinks=True, onerror=note):
+        case = _as_case(Path(root), files)
         if case is not None:
             cases.append(case)
             dirs.clear()  # a case folder holds no further cases

@@ -66,8 +66,11 @@ class _Stream:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = open(path, "rb")
-        self._decoder = _zlib.decompressobj(31) if path.name.endswith(".gz") else None
+        try:
+            self._file = open(path, "rb")
+        except OSError as error:
+            raise NiftiReadError(f"{path}: cannot be read ({error.strerror}); fix its permissions") from None
+        self._decoder = _zlib.decompressobj(31) if path.name.lower().endswith(".gz") else None
         self._pending = b""  # compressed bytes read but not yet decoded
         self._buffer = memoryview(b"")  # decoded bytes not yet consumed
         self.position = 0  # offset of the next decoded byte in the file's content
@@ -76,12 +79,12 @@ class _Stream:
         """Decode up to ``wanted`` more bytes (at most _PIECE); False at the end of the data."""
         limit = max(1, min(wanted, _PIECE))
         if self._decoder is None:
-            piece = self._file.read(limit)
+            piece = self._read(limit)
         else:
             piece = b""
             while not piece:
                 if not self._pending:
-                    self._pending = self._file.read(_READ)
+                    self._pending = self._read(_READ)
                     if not self._pending:
                         return False
                 try:
@@ -94,6 +97,12 @@ class _Stream:
                     self._decoder = _zlib.decompressobj(31)
         self._buffer = memoryview(piece)
         return bool(piece)
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return self._file.read(n)
+        except OSError as error:  # a failing disk or network file system
+            raise NiftiReadError(f"{self.path}: reading failed ({error.strerror or error})") from None
 
     def _ends_early(self) -> NiftiReadError:
         return NiftiReadError(f"{self.path}: file ends early (truncated?) at byte {self.position}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -12,13 +15,23 @@ import hdf5plugin
 import numpy as np
 
 from builder.extract import CaseRows
-from builder.format import BACKGROUND, CASE_ID, MODALITIES, SEG, SLICE_INDEX, SPLIT_GROUP
+from builder.format import BACKGROUND, CASE_ID, DATA_ID, MODALITIES, SEG, SLICE_INDEX, SPLIT_GROUP
 
-#: Blosc-LZ4 with byte shuffle: about 3x smaller than raw int16 and still thousands of random rows/s
-#: (benchmarks/bench_codecs.py; ../shared/PERFORMANCE.md). Readers need ``import hdf5plugin``.
-COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
-COMPRESSION_NAME = "blosc-lz4, byte shuffle, clevel 5 (hdf5plugin)"
+#: The row datasets' compression, by name: what it is, the h5py filter arguments, and what a reader needs.
+#: blosc-lz4 (default): about 3x smaller than raw int16 and still thousands of random rows/s
+#: (benchmarks/bench_codecs.py; ../shared/PERFORMANCE.md), but readers need the Blosc plugin (``import hdf5plugin``).
+#: gzip: HDF5's built-in deflate, readable by any HDF5 tool (h5py alone, h5ls, HDFView, MATLAB), slower to read.
+COMPRESSIONS: dict[str, tuple[str, dict[str, object], str]] = {
+    "blosc-lz4": ("blosc-lz4, byte shuffle, clevel 5 (hdf5plugin)",
+                  dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)),
+                  "the Blosc filter: `import hdf5plugin` in Python (pip install hdf5plugin), or HDF5_PLUGIN_PATH"),
+    "gzip": ("gzip (HDF5 deflate) level 4, byte shuffle", {"compression": "gzip", "compression_opts": 4,
+                                                            "shuffle": True}, "nothing beyond HDF5 (built-in filters)"),
+    "none": ("none", {}, "nothing beyond HDF5"),
+}
+DEFAULT_COMPRESSION = "blosc-lz4"
 _GROW = 256  # rows added at a time when the datasets fill up
+_CHECKED = {"chunks": True, "fletcher32": True}  # small datasets: checksummed too, so verify catches damage there
 
 
 class ArtifactWriter:
@@ -28,9 +41,10 @@ class ArtifactWriter:
     atomic rename; leaving it with an exception removes the temporary file and leaves ``out`` untouched.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, compression: str = DEFAULT_COMPRESSION) -> None:
         self.out = out
-        self.tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        self.compression = compression
+        self.tmp = partial_path(out)
         # Whole chunks are written once: a chunk cache would only grow memory with the row count.
         self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)  # raises OSError when OUT's folder is not writable
         self.rows = 0
@@ -53,40 +67,94 @@ class ArtifactWriter:
                 dtype=np.dtype(dtype),
                 chunks=(1, *slice_shape),
                 fletcher32=True,
-                **COMPRESSION,
+                **COMPRESSIONS[self.compression][1],  # type: ignore[arg-type]
             )
 
     def append(self, case: CaseRows) -> None:
         start, stop = self.rows, self.rows + len(case.slice_index)
-        for name, dataset in self._datasets.items():
-            if dataset.shape[0] < stop:
-                dataset.resize(stop + _GROW, axis=0)
-            dataset[start:stop] = case.seg if name == SEG else case.images[name]
+        with _failed_writes_as_oserror():
+            for name, dataset in self._datasets.items():
+                if dataset.shape[0] < stop:
+                    dataset.resize(stop + _GROW, axis=0)
+                dataset[start:stop] = case.seg if name == SEG else case.images[name]
         self.case_ids.extend([case.case_id] * len(case.slice_index))
         self.slice_index.extend(case.slice_index.tolist())
         self.background.extend(case.background.tolist())
         self.rows = stop
 
     def finish(self, splits: dict[str, np.ndarray], attrs: dict[str, object]) -> None:
-        """Trim the datasets, write the row metadata, splits and JSON attributes."""
+        """Trim the datasets, write the row metadata and splits (checksummed), the JSON attributes and a fresh
+        build id, and flush: a full disk fails here, inside the block, so the partial file is removed."""
+        with _failed_writes_as_oserror():
+            self._finish(splits, attrs)
+        self._finished = True
+
+    def _finish(self, splits: dict[str, np.ndarray], attrs: dict[str, object]) -> None:
         f = self._file
         for dataset in self._datasets.values():
             dataset.resize(self.rows, axis=0)
-        f.create_dataset(CASE_ID, data=np.array(self.case_ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset(SLICE_INDEX, data=np.asarray(self.slice_index, dtype=np.int32))
-        f.create_dataset(BACKGROUND, data=np.asarray(self.background, dtype=np.uint8))
+        encoded = [case_id.encode("utf-8") for case_id in self.case_ids]
+        text = h5py.string_dtype("utf-8", max(map(len, encoded), default=1))
+        f.create_dataset(CASE_ID, data=np.array(encoded, dtype=text), **_CHECKED)
+        f.create_dataset(SLICE_INDEX, data=np.asarray(self.slice_index, dtype=np.int32), **_CHECKED)
+        f.create_dataset(BACKGROUND, data=np.asarray(self.background, dtype=np.uint8), **_CHECKED)
         group = f.create_group(SPLIT_GROUP)
         for name, rows in splits.items():
-            group.create_dataset(name, data=rows.astype(np.int64))
-        for key, value in attrs.items():
+            group.create_dataset(name, data=rows.astype(np.int64), maxshape=(None,), **_CHECKED)
+        for key, value in {**attrs, "compression": COMPRESSIONS[self.compression][0],
+                           DATA_ID: uuid.uuid4().hex}.items():
             f.attrs[key] = value if isinstance(value, (int, str)) else json.dumps(value)
-        self._finished = True
+        f.flush()
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._file.close()
-        if kind is None and self._finished:
-            os.replace(self.tmp, self.out)
-        else:
+        try:
+            try:
+                with _failed_writes_as_oserror():
+                    self._file.close()
+            except OSError:
+                if kind is None:
+                    raise
+                # already failing: the first error says why; HDF5 closing a file it could not write adds nothing
+            if kind is None and self._finished:
+                os.replace(self.tmp, self.out)
+        finally:
             self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _failed_writes_as_oserror() -> Iterator[None]:
+    """h5py reports some failed writes (a full disk while flushing or closing) as RuntimeError: make every failed
+    write an OSError, so that the build can tell the user in one line."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise OSError(str(error).splitlines()[0][:200]) from None
+
+
+def partial_path(out: Path, pid: int | None = None) -> Path:
+    """Where a build writing ``out`` keeps its rows until they are complete: hidden, named by the process."""
+    return out.with_name(f".{out.name}.{os.getpid() if pid is None else pid}.partial")
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove partial files of ``out`` left by builds whose process no longer exists (killed with -9, a power
+    cut): each can be gigabytes. Returns what was removed."""
+    removed = []
+    for path in out.parent.glob(f".{out.name}.*.partial"):
+        pid = path.name[len(out.name) + 2 : -len(".partial")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,3 +63,26 @@ def small_run(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                                        "--max-steps", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return next(out.iterdir())
+
+
+@contextmanager
+def file_size_limit(limit: int):
+    """A real full-disk fault for this process: the kernel refuses writes past ``limit`` bytes per file (EFBIG),
+    as it does on a full disk (ENOSPC), with no privileges needed (RLIMIT_FSIZE; SIGXFSZ ignored meanwhile)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def unprivileged(command: list[str]) -> list[str]:
+    """``command`` run so that file permissions apply: as root, with every capability dropped (setpriv)."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be enforced here")
+    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", *command]

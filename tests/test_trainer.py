@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
-from builder.format import file_sha256
+from builder.format import FORMAT_VERSION, file_sha256
 from trainer import train as train_module
 from trainer.cli import main
 from trainer.data import SliceDataset
@@ -66,7 +66,7 @@ def test_tiny_run_leaves_every_artifact_and_evaluates(artifact: Path, tmp_path: 
     assert set(best) == {"model", "config"} and "optimizer" in last  # inference needs no optimiser state
     assert (run / "best.pt").stat().st_size < 0.5 * (run / "last.pt").stat().st_size
     config = json.loads((run / "config.json").read_text())
-    assert config["modality"] == "t2f" and config["artifact"]["format_version"] == 2
+    assert config["modality"] == "t2f" and config["artifact"]["format_version"] == FORMAT_VERSION
     assert config["data_sha256"] == file_sha256(artifact) and config["axis_codes"] == ["L", "P", "S"]
     with open(run / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -146,8 +146,8 @@ def test_not_hdf5_other_version_and_missing_modality(artifact: Path, tmp_path: P
     other = tmp_path / "other.h5"
     shutil.copy(artifact, other)
     with h5py.File(other, "r+") as f:
-        f.attrs["format_version"] = 3
-    assert "format_version 3" in _one_clear_line(_fit(other, tmp_path, "-m", "t1n"))
+        f.attrs["format_version"] = 99
+    assert "format_version 99" in _one_clear_line(_fit(other, tmp_path, "-m", "t1n"))
     fewer = tmp_path / "fewer.h5"
     shutil.copy(artifact, fewer)
     with h5py.File(fewer, "r+") as f:
@@ -210,20 +210,26 @@ def test_damaged_chunk_is_reported_not_raised(artifact: Path, tmp_path: Path) ->
     assert "brats-build verify" in line
 
 
-def test_version_1_files_still_read(artifact: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_versions_still_read(artifact: Path, tmp_path: Path, version: int) -> None:
     from builder.inspect import verify
     from trainer.data import Artifact
 
-    old = tmp_path / "v1.h5"
+    old = tmp_path / f"v{version}.h5"
     shutil.copy(artifact, old)
     with h5py.File(old, "r+") as f:
-        del f["background"]
-        for key in ("axis_codes", "voxel_size", "background_slices", "label4", "split_unit"):
-            del f.attrs[key]
-        f.attrs["format_version"] = 1
+        case_ids = f["case_id"].asstr()[()]
+        del f["case_id"], f.attrs["data_id"]  # v2 and v1: variable-length ids without checksums, no build id
+        f.create_dataset("case_id", data=case_ids.astype(object), dtype=h5py.string_dtype("utf-8"))
+        if version == 1:
+            del f["background"]
+            for key in ("axis_codes", "voxel_size", "background_slices", "label4", "split_unit"):
+                del f.attrs[key]
+        f.attrs["format_version"] = version
     assert verify(old) == []
     opened = Artifact.open(old)
-    assert not opened.background.any() and len(opened.background) == opened.rows
+    assert opened.data_id is None and list(opened.case_ids) == list(case_ids)
+    assert len(opened.background) == opened.rows
     assert opened.axis_codes == ("L", "P", "S") and opened.voxel_size == (1.0, 1.0, 1.0)
 
 

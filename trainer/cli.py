@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from builder.format import MODALITIES, MODALITY_ALIASES, REGIONS
-from trainer.train import CACHES, LOSSES, TASKS, FitConfig
+from trainer.config import CACHES, LOSSES, SCHEDULES, TASKS, FitConfig
 from trainer.transforms import NORMALISATIONS
 
 MODALITY_CHOICES = (*MODALITIES, *MODALITY_ALIASES, "all")
@@ -21,20 +21,31 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from trainer.config import FitError
         from trainer.data import ArtifactError
         from trainer.model import ModelError
-        from trainer.train import FitError
+        from trainer.reports import OutputError
 
         try:
             return command(*args, **kwargs)
-        except (ArtifactError, ModelError, FitError, ValueError) as error:
-            raise click.ClickException(str(error)) from None
-        except OSError as error:  # h5py raises OSError on a failed checksum or a truncated file
+        except (ArtifactError, ModelError, FitError, OutputError, ValueError) as error:
+            raise click.ClickException(_last_line(error)) from None
+        except OSError as error:  # writes become OutputError: what is left is a read, e.g. a failed chunk checksum
+            where = f"{error.filename}: " if error.filename else ""
             raise click.ClickException(
-                f"reading failed ({error}); the file may be damaged: check it with `brats-build verify FILE`"
+                f"{where}reading failed ({error.strerror or _last_line(error)}); if it is the .h5 file it may be "
+                "damaged: check it with `brats-build verify FILE`"
             ) from None
 
     return run
+
+
+def _last_line(error: BaseException) -> str:
+    """The error's own message: DataLoader workers re-raise an error with the worker's traceback above it."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,8 +68,15 @@ def fit_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Per-slice intensity normalisation over brain pixels (zscore) or max-scaling (minmax)."),
         click.option("--epochs", default=50, show_default=True, type=click.IntRange(1)),
         click.option("--max-steps", default=None, type=click.IntRange(1), help="Stop after this many optimiser steps."),
-        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1)),
-        click.option("--lr", default=1e-3, show_default=True, type=float),
+        click.option("--batch-size", default=None, type=click.IntRange(1),
+                     help="Slices per step; default 16 on a CPU, 64 on a GPU (at most the train split)."),
+        click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate (AdamW)."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), default="poly", show_default=True,
+                     help="After warm-up: polynomial decay to 0 (nnU-Net's (1-t)^0.9), cosine, or constant."),
+        click.option("--warmup-epochs", default=1.0, show_default=True, type=click.FloatRange(0),
+                     help="Linear learning-rate warm-up, in epochs (at most half the run)."),
+        click.option("--clip-grad", default=12.0, show_default=True, type=click.FloatRange(0),
+                     help="Clip the gradient norm to this (nnU-Net's 12); 0 turns clipping off."),
         click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA (bf16, else fp16)."),
@@ -78,6 +96,7 @@ def fit_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_config(data: Path, modality: str, out: Path, **options: Any) -> FitConfig:
     options["compile"] = options.pop("compile_model")
+    options["clip_grad"] = options["clip_grad"] or None
     return FitConfig(data=str(data), modality=modality, out=str(out), **options)
 
 
@@ -135,7 +154,10 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
 @main.command(name="evaluate")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--data", default=None, type=click.Path(path_type=Path), help="Another copy of the run's .h5 file.")
+@click.option("--data", default=None, type=click.Path(path_type=Path),
+              help="The run's .h5 file if it moved (checked by its build id: a rebuilt file is refused).")
+@click.option("--other-data", is_flag=True,
+              help="Score --data even though it is not the file the run trained on (said in the outputs).")
 @click.option("--volumes", "volumes_dir", default=None, type=click.Path(path_type=Path),
               help="The BraTS folder the artifact was built from: segment each case of the split over its whole "
                    "volume and score it as BraTS 2023 does (lesion-wise Dice and HD95, legacy Dice, HD95, "
@@ -145,8 +167,8 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
 @click.option("--device", default="auto", show_default=True)
 @click.option("--checkpoint", default="best.pt", show_default=True)
 @one_line_errors
-def evaluate_command(run_dir: Path, split: str, data: Path | None, volumes_dir: Path | None, limit: int | None,
-                     clean: bool, device: str, checkpoint: str) -> None:
+def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: bool, volumes_dir: Path | None,
+                     limit: int | None, clean: bool, device: str, checkpoint: str) -> None:
     """Evaluate a run's checkpoint on a split.
 
     Per slice on the artifact's rows: <split>_metrics.json and <split>_cases.csv. With --volumes, per patient on
@@ -155,16 +177,19 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, volumes_dir: 
     from trainer.evaluate import evaluate_run, evaluate_volumes
 
     if volumes_dir is None:
-        result = evaluate_run(run_dir, split, data, device, checkpoint)
+        result = evaluate_run(run_dir, split, data, device, checkpoint, other_data=other_data)
         shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
-        click.echo(f"{run_dir} on {split} ({result['slices']} slices, per-slice 2D scores): {shown}")
+        click.echo(f"{run_dir} on {split} ({result['slices']} slices, per-slice 2D scores; data: "
+                   f"{result['data_check']}): {shown}")
         click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")
         return
-    report = evaluate_volumes(run_dir, volumes_dir, split, data, device, checkpoint, clean_rule(clean), limit)
+    report = evaluate_volumes(run_dir, volumes_dir, split, data, device, checkpoint, clean_rule(clean), limit,
+                              other_data)
     for line in report["skipped"]:
         click.echo(f"skipped {line['case_id']}: {line['reason']}")
     subset = f", {report['subset']}" if report["subset"] else ""
-    click.echo(f"{run_dir} on {report['cases_scored']} whole {split} volumes{subset}: {format_scores(report['metrics'])}")
+    click.echo(f"{run_dir} on {report['cases_scored']} whole {split} volumes{subset} (data: {report['data_check']}): "
+               f"{format_scores(report['metrics'])}")
     click.echo(f"wrote {run_dir / f'{split}_volumes.csv'} and {run_dir / f'{split}_volumes.json'}")
     if report["skipped"]:
         raise SystemExit(1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from builder.format import MODALITIES
 from trainer.cleanup import CleanUp, clean_up
+from trainer.config import FitConfig, FitError, resolve_device
 from trainer.data import Artifact
 from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, evaluate_rows, per_case, scorable
 from trainer.fusion import mean_probabilities, vote
@@ -23,7 +24,7 @@ from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model
 from trainer.reports import write_csv, write_json, write_text
 from trainer.statistics import bootstrap_interval, paired_difference
-from trainer.train import FitConfig, FitError, fit, resolve_device
+from trainer.train import fit
 from trainer.volumes import Geometry, labels_of, score, segment
 
 APPROACHES = (*MODALITIES, "all")
@@ -65,6 +66,7 @@ def _predict(run_dir: Path, artifact: Artifact, rows: np.ndarray, device: torch.
     """Test-split softmax maps (float16, CPU), per-slice metrics, the run's config and its model."""
     model, saved = load_model(run_dir / "best.pt", device)
     config = FitConfig.from_dict({**saved, "data": str(artifact.path), "device": str(device)})
+    artifact.check_identity(config.data_id, config.data_sha256)  # a reused run must have trained on this very file
     chunks: list[torch.Tensor] = []
     metrics = evaluate_rows(model, config, artifact, rows, device, workers, chunks)
     return torch.cat(chunks), metrics, config, model

@@ -21,16 +21,20 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from builder.format import (
     BACKGROUND,
     CASE_ID,
+    DATA_ID,
     DEFAULT_AXIS_CODES,
     DEFAULT_VOXEL_SIZE,
     FORMAT_VERSION,
+    LABELS,
     READABLE_VERSIONS,
     SEG,
     SLICE_INDEX,
     SPLIT_GROUP,
     SPLITS,
+    BadAttribute,
     decode_attribute,
     file_sha256,
+    split_problem,
 )
 
 #: Stored dtypes torch cannot hold are widened in the worker; the rest travel as stored.
@@ -39,6 +43,29 @@ _TORCH_UNSUPPORTED = {np.dtype("uint16"), np.dtype("uint32"), np.dtype("uint64")
 
 class ArtifactError(Exception):
     """The file is not a usable brats2d artifact; the message is one line naming the file and the fix."""
+
+
+#: The root attributes the trainer reads (others, such as the list of skipped cases, are never decoded).
+_ATTRIBUTES = ("format_version", "modalities", "axis_codes", "voxel_size", DATA_ID, "builder_version", "created",
+               "seed", "source", "slice_rule", "cases_written", "background_slices", "split_unit", "compression")
+
+FileStamp = tuple[int, int, int, int]
+
+
+def file_stamp(path: Path | str) -> FileStamp:
+    """Device, inode, size and modification time: they change when a build replaces or rewrites the file."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def replaced(path: Path | str) -> ArtifactError:
+    return ArtifactError(f"{path}: the file was replaced or changed while this run read it; its rows may no longer "
+                         "be the ones the run started with. Stopped here: restart (or --resume) on the new file")
+
+
+def label_error(path: Path | str, row: int, case_id: str, value: int) -> ArtifactError:
+    return ArtifactError(f"{path}: row {row} (case {case_id}) holds label {value}, outside 0..{len(LABELS) - 1}; "
+                         "the file is damaged or not a brats2d artifact: check it with `brats-build verify`")
 
 
 @dataclass(frozen=True)
@@ -56,40 +83,92 @@ class Artifact:
     axis_codes: tuple[str, str, str] = DEFAULT_AXIS_CODES
     voxel_size: tuple[float, float, float] = DEFAULT_VOXEL_SIZE
     provenance: dict[str, object] = field(default_factory=dict)
+    data_id: str | None = None  # the identity fixed at build time (format v3); None in older files
+    stamp: FileStamp = (0, 0, 0, 0)
 
     @classmethod
     def open(cls, path: Path | str) -> Artifact:
+        """Read the metadata and check it cheaply: required datasets, readable version, bounded attributes, and
+        splits that are sorted integer row numbers, disjoint and in range."""
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such file (build one with `make dataset` or `make demo`)")
         try:
             f = h5py.File(path, "r")
-        except OSError:
+        except OSError as error:
+            if isinstance(error, PermissionError) or not os.access(path, os.R_OK):
+                raise ArtifactError(f"{path}: not readable by this user (permission denied); fix its permissions") from None
             raise ArtifactError(f"{path}: not an HDF5 file; build a dataset with `brats-build build`") from None
         with f:
+            stamp = file_stamp(path)
             version = f.attrs.get("format_version")
             if version is None or SEG not in f or SPLIT_GROUP not in f:
                 raise ArtifactError(f"{path}: not a brats2d artifact (no format_version, /seg or /split)")
-            if int(version) not in READABLE_VERSIONS:
+            try:
+                provenance = {key: decode_attribute(f.attrs[key], key) for key in _ATTRIBUTES if key in f.attrs}
+            except BadAttribute as error:
+                raise ArtifactError(f"{path}: {error}; rebuild it with `brats-build build`") from None
+            if provenance["format_version"] not in READABLE_VERSIONS:
                 raise ArtifactError(
-                    f"{path}: format_version {int(version)}, this trainer reads {', '.join(map(str, READABLE_VERSIONS))}; "
-                    f"rebuild it with this version's `brats-build build` (format {FORMAT_VERSION})"
+                    f"{path}: format_version {provenance['format_version']}, this trainer reads "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with this version's `brats-build build` "
+                    f"(format {FORMAT_VERSION})"
                 )
-            provenance = {key: decode_attribute(value) for key, value in f.attrs.items()}
+            missing = [name for name in (CASE_ID, SLICE_INDEX, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)) if name not in f]
+            if missing:
+                raise ArtifactError(f"{path}: no /{', /'.join(missing)}; not a complete brats2d artifact, rebuild it")
             rows = f[SEG].shape[0]
+            splits = {name: f[SPLIT_GROUP][name][()] for name in SPLITS}
+            problem = split_problem(splits, rows)
+            if problem:
+                raise ArtifactError(f"{path}: {problem}; the file is damaged or was edited, rebuild it")
             return cls(
                 path=path,
-                modalities=tuple(provenance.get("modalities", [])),
+                modalities=tuple(provenance.get("modalities", [])),  # type: ignore[arg-type]
                 rows=rows,
                 slice_shape=tuple(f[SEG].shape[1:]),  # type: ignore[arg-type]
-                splits={name: f[SPLIT_GROUP][name][()] for name in SPLITS},
+                splits={name: rows_.astype(np.int64) for name, rows_ in splits.items()},
                 case_ids=f[CASE_ID].asstr()[()],
                 slice_index=f[SLICE_INDEX][()],
                 background=f[BACKGROUND][()].astype(bool) if BACKGROUND in f else np.zeros(rows, dtype=bool),
                 axis_codes=tuple(provenance.get("axis_codes", DEFAULT_AXIS_CODES)),  # type: ignore[arg-type]
                 voxel_size=tuple(provenance.get("voxel_size", DEFAULT_VOXEL_SIZE)),  # type: ignore[arg-type]
                 provenance=provenance,
+                data_id=provenance.get(DATA_ID),  # type: ignore[arg-type]
+                stamp=stamp,
             )
+
+    def check_unchanged(self) -> None:
+        """Raise when the file at ``path`` is no longer the one opened (a build replaced it, or it was edited)."""
+        try:
+            unchanged = file_stamp(self.path) == self.stamp
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            raise replaced(self.path)
+
+    def check_identity(self, recorded_id: str | None, recorded_sha256: str | None, other_data: bool = False) -> str:
+        """Hold a run to the file it trained on: by the build-time id, else by SHA-256 (files before v3).
+
+        Returns how the file relates to the run ("the run's file", "another file, on purpose (--other-data)",
+        or "not checked: ..."); raises ArtifactError naming both when they differ and ``other_data`` is False.
+        """
+        if recorded_id is None and recorded_sha256 is None:
+            return "not checked: the run recorded no data identity (trained before brats2d recorded one)"
+        if recorded_id is not None and self.data_id is not None:
+            same, theirs, ours = recorded_id == self.data_id, f"id {recorded_id}", f"id {self.data_id}"
+        elif recorded_sha256 is not None:
+            sha256 = self.sha256()
+            same, theirs, ours = recorded_sha256 == sha256, f"sha256 {recorded_sha256[:16]}...", f"sha256 {sha256[:16]}..."
+        else:
+            return "not checked: the run recorded only a build id and this file has none"
+        if same:
+            return "the run's file"
+        if other_data:
+            return f"another file, on purpose (--other-data): the run trained on {theirs}, this is {ours}"
+        raise ArtifactError(f"{self.path}: not the file this run trained on (run: {theirs}; file: {ours}), so its "
+                            "splits may hold training cases; use the run's file, or --other-data to score this one "
+                            "on purpose")
 
     def sha256(self) -> str:
         """The file's SHA-256: the exact artifact a result came from (see ``brats-build info``)."""
@@ -112,12 +191,18 @@ class Artifact:
 
 
 class SliceDataset(Dataset):
-    """Rows ``rows`` of the artifact: (image (C, H, W) in the stored dtype, seg (H, W) uint8, row index)."""
+    """Rows ``rows`` of the artifact: (image (C, H, W) in the stored dtype, seg (H, W) uint8, row index).
 
-    def __init__(self, path: Path | str, rows: np.ndarray, channels: Sequence[str]) -> None:
+    With a ``stamp`` (``file_stamp`` when the run opened the file), a worker that opens a replaced file stops
+    instead of reading rows the run never chose. Every label read is checked to lie in 0..3.
+    """
+
+    def __init__(self, path: Path | str, rows: np.ndarray, channels: Sequence[str], stamp: FileStamp | None = None
+                 ) -> None:
         self.path = str(path)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.channels = tuple(channels)
+        self.stamp = stamp
         self._datasets: dict[str, h5py.Dataset] | None = None
         self._pid = -1
 
@@ -128,7 +213,10 @@ class SliceDataset(Dataset):
         if self._datasets is None or self._pid != os.getpid():  # a forked worker must not share the parent's handle
             # rdcc_nbytes=0: each row is one whole chunk, so a chunk cache only costs copies and memory.
             f = h5py.File(self.path, "r", rdcc_nbytes=0)
-            self._datasets = {name: f[name] for name in (*self.channels, SEG)}  # looked up once, not per row
+            if self.stamp is not None and file_stamp(self.path) != self.stamp:
+                f.close()
+                raise replaced(self.path)
+            self._datasets = {name: f[name] for name in (*self.channels, SEG, CASE_ID)}  # looked up once, not per row
             self._pid = os.getpid()
         return self._datasets
 
@@ -138,7 +226,10 @@ class SliceDataset(Dataset):
         image = np.stack([datasets[c][row] for c in self.channels])  # one chunk per channel, never fancy indexing
         if image.dtype in _TORCH_UNSUPPORTED:
             image = image.astype(np.float32)
-        return torch.from_numpy(image), torch.from_numpy(datasets[SEG][row]), row
+        seg = datasets[SEG][row]
+        if seg.max() >= len(LABELS):  # about 5 us a row
+            raise label_error(self.path, row, datasets[CASE_ID].asstr()[row], int(seg.max()))
+        return torch.from_numpy(image), torch.from_numpy(seg), row
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -203,6 +294,10 @@ class DeviceCache:
             rows = dataset.rows
             images = np.stack([_read_rows(f[c], rows) for c in dataset.channels], axis=1)
             labels = _read_rows(f[SEG], rows)
+            bad = np.flatnonzero(labels.reshape(len(rows), -1).max(1) >= len(LABELS))
+            if bad.size:
+                row = int(rows[bad[0]])
+                raise label_error(dataset.path, row, f[CASE_ID].asstr()[row], int(labels[bad[0]].max()))
         self.images = torch.from_numpy(images).to(device)
         self.labels = torch.from_numpy(labels).to(device)
         self.rows = torch.from_numpy(rows)

@@ -3,8 +3,6 @@ the split segmented over its whole volume and scored as the BraTS 2023 challenge
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,12 +16,14 @@ from tqdm.auto import tqdm
 from builder.format import SEG
 from builder.layout import Case, find_cases
 from trainer.cleanup import DEFAULT_CLEAN_UP, CleanUp
+from trainer.config import FitConfig, FitError, resolve_device
 from trainer.data import Artifact, SliceDataset, make_loader
 from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model
+from trainer.pipeline import Batches, autocast_dtype
 from trainer.reports import write_csv, write_json
 from trainer.statistics import summarise
-from trainer.train import Batches, FitConfig, FitError, autocast_dtype, evaluate, resolve_device
+from trainer.step import evaluate
 from trainer.volumes import CaseError, CaseVolumes, Geometry, read_case, score, segment_case
 
 
@@ -39,24 +39,28 @@ def per_case(records: list[dict[str, float]], artifact: Artifact) -> list[dict[s
     return out
 
 
-def evaluate_run(run_dir: Path, split: str = "test", data: Path | None = None, device_name: str = "auto",
-                 checkpoint: str = "best.pt", workers: int = 0) -> dict[str, Any]:
-    """Write ``<split>_metrics.json`` and ``<split>_cases.csv`` in ``run_dir``; return the metrics."""
+def open_run(run_dir: Path, checkpoint: str, data: Path | None, device_name: str, other_data: bool
+             ) -> tuple[torch.nn.Module, FitConfig, Artifact, str, torch.device]:
+    """The run's model and configuration and its artifact (``data`` if given), held to the file the run trained
+    on; returns them with how the file relates to the run (``Artifact.check_identity``) and the device."""
     device = resolve_device(device_name)
     model, saved = load_model(run_dir / checkpoint, device)
     config = FitConfig.from_dict({**saved, "data": str(data or saved["data"]), "device": str(device)})
     artifact = Artifact.open(config.data)
     artifact.require(config.channels)
+    return model, config, artifact, artifact.check_identity(config.data_id, config.data_sha256, other_data), device
+
+
+def evaluate_run(run_dir: Path, split: str = "test", data: Path | None = None, device_name: str = "auto",
+                 checkpoint: str = "best.pt", workers: int = 0, other_data: bool = False) -> dict[str, Any]:
+    """Write ``<split>_metrics.json`` and ``<split>_cases.csv`` in ``run_dir``; return the metrics."""
+    model, config, artifact, data_check, device = open_run(run_dir, checkpoint, data, device_name, other_data)
     metrics = evaluate_rows(model, config, artifact, artifact.rows_of(split), device, workers)
-    result = {"split": split, "checkpoint": checkpoint, "data": str(artifact.path), "slices": len(artifact.splits[split]),
-              **metrics.compute(),
+    result = {"split": split, "checkpoint": checkpoint, "data": str(artifact.path), "data_check": data_check,
+              "slices": len(artifact.splits[split]), **metrics.compute(),
               "note": "per-slice 2D metrics; not comparable to BraTS 2023 lesion-wise 3D leaderboard scores"}
-    (run_dir / f"{split}_metrics.json").write_text(json.dumps(result, indent=2))
-    cases = per_case(metrics.per_slice or [], artifact)
-    with open(run_dir / f"{split}_cases.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(cases[0]))
-        writer.writeheader()
-        writer.writerows(cases)
+    write_json(run_dir / f"{split}_metrics.json", result)
+    write_csv(run_dir / f"{split}_cases.csv", per_case(metrics.per_slice or [], artifact))
     return result
 
 
@@ -64,7 +68,7 @@ def evaluate_rows(model: torch.nn.Module, config: FitConfig, artifact: Artifact,
                   device: torch.device, workers: int = 0,
                   probabilities: list[torch.Tensor] | None = None) -> SegmentationMetrics:
     """Per-slice-keeping metrics of ``model`` on the given rows, in one process (and its softmax maps if asked)."""
-    loader = make_loader(SliceDataset(artifact.path, rows, config.channels), config.batch_size, False, workers,
+    loader = make_loader(SliceDataset(artifact.path, rows, config.channels, artifact.stamp), config.batch_size, False, workers,
                          config.seed, pin_memory=device.type == "cuda")
     batches = Batches(config, artifact.slice_shape, device)
     return evaluate(model, loader, batches, autocast_dtype(device, config.amp), True, probabilities)
@@ -125,13 +129,10 @@ def scorable(cases: dict[str, Case], channels: Sequence[str], geometry: Geometry
 
 def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data: Path | None = None,
                      device_name: str = "auto", checkpoint: str = "best.pt", rule: CleanUp | None = DEFAULT_CLEAN_UP,
-                     limit: int | None = None) -> dict[str, Any]:
+                     limit: int | None = None, other_data: bool = False) -> dict[str, Any]:
     """Segment every case of ``split`` over its whole volume and score it; writes ``<split>_volumes.csv`` (a row
     per case) and ``<split>_volumes.json`` (means over patients with 95% bootstrap intervals) in ``run_dir``."""
-    device = resolve_device(device_name)
-    model, saved = load_model(run_dir / checkpoint, device)
-    config = FitConfig.from_dict({**saved, "data": str(data or saved["data"]), "device": str(device)})
-    artifact = Artifact.open(config.data)
+    model, config, artifact, data_check, device = open_run(run_dir, checkpoint, data, device_name, other_data)
     wanted = artifact.cases_of(split)
     chosen = wanted[:limit] if limit else wanted
     cases, skipped = cases_for(volumes_dir, chosen)
@@ -146,7 +147,7 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
                        f"{results.skipped[0]['reason'] if results.skipped else 'the split is empty'})")
     report = {
         "split": split, "checkpoint": checkpoint, "data": str(artifact.path), "data_sha256": config.data_sha256,
-        "volumes": str(volumes_dir),
+        "data_check": data_check, "volumes": str(volumes_dir),
         "cases_in_split": len(wanted), "cases_scored": len(results.rows),
         "subset": f"the first {limit} of {len(wanted)} cases (--limit)" if limit and limit < len(wanted) else None,
         "clean_up": asdict(rule) if rule is not None else None, "definition": VOLUME_DEFINITION,

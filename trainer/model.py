@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+
+from builder.format import MODALITIES
+from trainer.reports import atomic_output
+
+#: Class counts a brats2d model can have: binary (background, tumour) or multiclass (background, NCR, ED, ET).
+CLASS_COUNTS = (2, 4)
 
 
 class ModelError(Exception):
@@ -52,17 +59,52 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: Path, model: nn.Module, config: dict[str, Any], **state: Any) -> None:
-    """Write atomically: a run killed while saving keeps its previous checkpoint."""
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"model": unwrap(model).state_dict(), "config": config, **state}, tmp)
-    tmp.replace(path)
+    """Write atomically: a run killed, or a disk filled, while saving keeps its previous checkpoint, and no partial
+    file is left (OutputError names the file)."""
+    with atomic_output(path) as partial:
+        try:
+            torch.save({"model": unwrap(model).state_dict(), "config": config, **state}, partial)
+        except RuntimeError as error:  # torch's zip writer reports a failed write (e.g. no space) this way
+            raise OSError(f"write failed ({str(error).splitlines()[0][:120]})") from None
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely: ``weights_only=True`` never runs code from the file."""
-    if not Path(path).is_file():
+    """Load a checkpoint safely: ``weights_only=True`` never runs code from the file; a file that would need to
+    is refused in one line, as is a file that is not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
         raise ModelError(f"{path}: no checkpoint here (train one with `brats-train fit`)")
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(f"{path}: refused: loading it would run code or build objects a brats2d checkpoint never "
+                         "holds; do not load it (brats2d checkpoints hold only tensors and plain values)") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise ModelError(f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated: "
+                         "use another checkpoint of the run (best.pt or last.pt)") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise ModelError(f"{path}: not a brats2d checkpoint (no model weights and configuration)")
+    check_config(path, checkpoint["config"])
+    return checkpoint
+
+
+def check_config(path: Path, config: Any) -> None:
+    """A checkpoint's configuration, checked before any model is built from it (a crafted one could ask for
+    2e8 classes and a 100 GB allocation)."""
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: its configuration is not a mapping; not a brats2d checkpoint")
+    channels, classes = config.get("channels"), config.get("classes")
+    problems = []
+    if not (isinstance(channels, list) and channels and set(channels) <= set(MODALITIES)
+            and len(set(channels)) == len(channels)):
+        problems.append(f"channels {str(channels)[:60]} (expected some of {', '.join(MODALITIES)})")
+    if classes not in CLASS_COUNTS:
+        problems.append(f"classes {str(classes)[:20]} (expected 2 or 4)")
+    for key in ("arch", "encoder"):
+        if not isinstance(config.get(key), str):
+            problems.append(f"{key} missing")
+    if problems:
+        raise ModelError(f"{path}: invalid configuration: {'; '.join(problems)}; not a checkpoint brats2d wrote")
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -73,5 +115,9 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn
     checkpoint = read_checkpoint(Path(path), device)
     config = checkpoint["config"]
     model = build_model(config["arch"], config["encoder"], None, len(config["channels"]), config["classes"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise ModelError(f"{path}: its weights do not fit a {config['arch']}/{config['encoder']} model; "
+                         "the checkpoint is damaged or was edited") from None
     return model.to(device).eval(), config

@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from builder.format import DEFAULT_AXIS_CODES  # noqa: E402
+from builder.format import DEFAULT_AXIS_CODES
 
 #: RGBA per label: NCR red, ED green, ET yellow (the usual BraTS colours); background transparent.
 LABEL_COLOURS = np.array([[0, 0, 0, 0], [1, 0.15, 0.15, 0.8], [0.2, 0.85, 0.2, 0.55], [1, 0.9, 0, 0.85]])

@@ -8,9 +8,9 @@ from typing import Any
 
 from builder.layout import find_cases
 from trainer.cleanup import DEFAULT_CLEAN_UP, CleanUp
+from trainer.config import FitConfig, FitError, resolve_device
 from trainer.model import load_model
 from trainer.reports import write_csv
-from trainer.train import FitConfig, FitError, resolve_device
 from trainer.volumes import CaseError, Geometry, read_case, score, segment_case, write_labels
 
 

@@ -1,4 +1,5 @@
-"""Result files written whole or not at all: a killed or failed run never leaves a half-written table."""
+"""Outputs written whole or not at all: a killed or failed run never leaves a half-written table, checkpoint or
+mask, and a failed write (full disk, read-only folder) is one line naming the output, not the input."""
 
 from __future__ import annotations
 
@@ -6,18 +7,34 @@ import csv
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
-def write_text(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
+class OutputError(Exception):
+    """An output that could not be written; the message is one line naming it and what to do."""
+
+
+@contextmanager
+def atomic_output(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a hidden partial path to write; it replaces ``path`` only when the block ends without error, and is
+    removed otherwise. OSErrors (no space, read-only, permissions) become OutputError."""
+    partial = path.with_name(f".{path.name}.partial{suffix}")
     try:
-        partial.write_text(text)
+        yield partial
         os.replace(partial, path)
+    except OSError as error:
+        raise OutputError(f"{path}: could not be written ({error.strerror or error}); nothing partial was left: "
+                          "free some space or choose a writable folder") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as partial:
+        partial.write_text(text)
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:

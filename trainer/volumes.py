@@ -7,7 +7,6 @@ the trainer that read NIfTI.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ from builder.format import DEFAULT_AXIS_CODES, DEFAULT_VOXEL_SIZE, SEG
 from builder.labels import to_brats2023
 from builder.layout import Case
 from trainer.cleanup import CleanUp, clean_up
+from trainer.config import FitConfig, FitError
 from trainer.metrics import region_names
+from trainer.pipeline import Batches, autocast_context, autocast_dtype
+from trainer.reports import atomic_output
 from trainer.scoring import score_case
-from trainer.train import Batches, FitConfig, FitError, autocast_context, autocast_dtype
 
 #: Binary (whole tumour) models write this label: the oedema value, the largest part of most tumours.
 BINARY_LABEL = 2
@@ -169,12 +170,8 @@ def write_labels(labels: np.ndarray, case: CaseVolumes, path: Path) -> None:
     header = case.reference.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
-    partial = path.with_name(f".{path.name}.partial.nii.gz")
-    try:
+    with atomic_output(path, suffix=".nii.gz") as partial:  # the suffix tells nibabel to compress
         nib.save(nib.Nifti1Image(case.in_input_space(labels), case.reference.affine, header), partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def segment_case(model: torch.nn.Module, config: FitConfig, case: CaseVolumes, device: torch.device,
