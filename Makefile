@@ -69,6 +69,7 @@ bench: setup
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_volume.py
+	$(PY) benchmarks/bench_step.py
 
 clean:
 	rm -rf runs $(DEMO_DIR) $(DEMO_DATA) benchmarks/.cache

@@ -103,6 +103,8 @@ def test_damaged_splits_stop_at_open(artifact: Path, tmp_path: Path, damage: str
     line = _one_line(_trainer("fit", bad, "-m", "t1n", "--out", tmp_path, *FAST))
     assert str(bad) in line and ("split" in line or "share rows" in line)
     assert list(tmp_path.glob("t1n-*")) == []
+    verified = _builder("verify", bad)
+    assert verified.exit_code == 1 and "Traceback" not in verified.output and "split" in verified.output
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])

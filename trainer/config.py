@@ -39,8 +39,8 @@ class FitConfig:
     max_steps: int | None = None
     batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE of the device, at most the train split
     lr: float = 1e-3
-    schedule: str = "poly"
-    warmup_epochs: float = 1.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
     clip_grad: float | None = 12.0
     weight_decay: float = 1e-4
     workers: int = 2

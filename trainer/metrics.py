@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from builder.format import REGIONS
 from trainer.scoring import dice_from_counts
@@ -31,19 +30,47 @@ def region_masks(labels: torch.Tensor, task: str) -> torch.Tensor:
     return torch.stack([torch.isin(labels, torch.tensor(v, device=labels.device)) for v in REGIONS.values()], 1).long()
 
 
-def region_dice(pred: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
-    """(B, R) Dice of each region per slice; 1 where the region is absent from both (``dice_from_counts``)."""
-    predicted, truth = region_masks(pred, task).bool(), region_masks(target, task).bool()
-    tp = (predicted & truth).sum((2, 3))
-    return dice_from_counts(tp, predicted.sum((2, 3)) - tp, truth.sum((2, 3)) - tp).float()
+def slice_confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    """(B, C, C) confusion matrix of each slice (truth rows, predicted columns) in one ``bincount`` on the device:
+    every count the metrics need, with no per-sample loop and no host sync (smp's multiclass ``get_stats`` loops
+    over the samples into CPU tensors)."""
+    batch = target.shape[0]
+    offset = torch.arange(batch, device=target.device).view(batch, *[1] * (target.dim() - 1)) * classes
+    index = ((offset + target) * classes + pred).flatten()
+    return torch.bincount(index, minlength=batch * classes * classes).view(batch, classes, classes)
 
 
 def class_counts(pred: torch.Tensor, target: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-class true positives, false positives and false negatives over a whole batch, in one ``bincount`` on
-    the device (smp's multiclass ``get_stats`` loops over the samples into CPU tensors: a host sync per step)."""
-    confusion = torch.bincount((target * classes + pred).flatten(), minlength=classes * classes).view(classes, classes)
+    """Per-class true positives, false positives and false negatives over a whole batch."""
+    return _class_counts(slice_confusion(pred, target, classes).sum(0))
+
+
+def _class_counts(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tp = confusion.diagonal()
     return tp, confusion.sum(0) - tp, confusion.sum(1) - tp
+
+
+def _membership(task: str, classes: int, device: torch.device) -> torch.Tensor:
+    """(R, C) 1 where class c belongs to region r (binary task: WT is class 1)."""
+    if task == "binary":
+        return torch.tensor([[0.0, 1.0]], device=device)
+    return torch.tensor([[float(c in labels) for c in range(classes)] for labels in REGIONS.values()], device=device)
+
+
+def _region_dice(confusion: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """(B, R) Dice of each region per slice from per-slice confusion matrices (``dice_from_counts``)."""
+    counts = confusion.double()
+    tp = torch.einsum("rt,btp,rp->br", membership.double(), counts, membership.double())
+    truth = counts.sum(2) @ membership.double().T
+    predicted = counts.sum(1) @ membership.double().T
+    return dice_from_counts(tp, predicted - tp, truth - tp)
+
+
+def region_dice(pred: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """(B, R) Dice of each region per slice; 1 where the region is absent from both."""
+    classes = 4 if task == "multiclass" else 2
+    membership = _membership(task, classes, pred.device)
+    return _region_dice(slice_confusion(pred, target, classes), membership).float()
 
 
 class SegmentationMetrics:
@@ -55,6 +82,7 @@ class SegmentationMetrics:
         # One float64 vector of sums: [loss*n, n, slices, correct, pixels, sq_error, sq_count, tp(C), fp(C), fn(C),
         # dice(R)], so that reducing across ranks is one all_reduce and exact.
         self.sums = torch.zeros(7 + 3 * classes + len(self.regions), dtype=torch.float64, device=device)
+        self._membership = _membership(task, classes, device)
         self.per_slice: list[dict[str, float]] | None = [] if keep_per_slice else None
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor | float | None = None,
@@ -68,30 +96,31 @@ class SegmentationMetrics:
         with torch.no_grad():
             probs = probs.float()
             batch = target.shape[0]
-            pred = probs.argmax(1)
-            tp, fp, fn = class_counts(pred, target, self.classes)
-            onehot = F.one_hot(target, self.classes).permute(0, 3, 1, 2).float()
-            dice = region_dice(pred, target, self.task)
+            # max(1).indices: the argmax (first maximum on ties), but about 20x faster than argmax(1) on CPUs
+            confusion = slice_confusion(probs.max(1).indices, target, self.classes)
+            tp, fp, fn = _class_counts(confusion.sum(0))
+            dice = _region_dice(confusion, self._membership)
             c = self.classes
             s = self.sums
             if loss is not None:
                 s[0] += loss * batch
                 s[1] += batch
             s[2] += batch
-            s[3] += (pred == target).sum()
+            s[3] += tp.sum()
             s[4] += target.numel()
-            s[5] += ((probs - onehot) ** 2).sum()
+            # sum over pixels of |p - onehot|^2 = sum p^2 - 2 p[truth] + 1, with no one-hot tensor
+            s[5] += (probs * probs).sum() - 2 * probs.gather(1, target.unsqueeze(1)).sum() + target.numel()
             s[6] += probs.numel()
             s[7 : 7 + c] += tp
             s[7 + c : 7 + 2 * c] += fp
             s[7 + 2 * c : 7 + 3 * c] += fn
             s[7 + 3 * c :] += dice.sum(0)
             if self.per_slice is not None:
-                self._keep(pred, target, dice, rows)
+                accuracy = confusion.diagonal(dim1=1, dim2=2).sum(1).double() / target[0].numel()
+                self._keep(accuracy, dice, rows)
 
-    def _keep(self, pred: torch.Tensor, target: torch.Tensor, dice: torch.Tensor, rows: torch.Tensor | None) -> None:
-        accuracy = (pred == target).float().mean(dim=(1, 2))
-        for i in range(pred.shape[0]):
+    def _keep(self, accuracy: torch.Tensor, dice: torch.Tensor, rows: torch.Tensor | None) -> None:
+        for i in range(accuracy.shape[0]):
             record = {"row": int(rows[i]) if rows is not None else -1, "pixel_accuracy": float(accuracy[i])}
             record.update({f"dice_{r}": float(dice[i, j]) for j, r in enumerate(self.regions)})
             self.per_slice.append(record)  # type: ignore[union-attr]

@@ -58,12 +58,27 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: dict[str, Any], **state: Any) -> None:
+def checkpoint_of(model: nn.Module, config: dict[str, Any], **state: Any) -> dict[str, Any]:
+    """What a checkpoint holds, copied (tensors cloned) so that training may go on while it is written."""
+    return _copied({"model": unwrap(model).state_dict(), "config": config, **state})
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     """Write atomically: a run killed, or a disk filled, while saving keeps its previous checkpoint, and no partial
     file is left (OutputError names the file)."""
     with atomic_output(path) as partial:
         try:
-            torch.save({"model": unwrap(model).state_dict(), "config": config, **state}, partial)
+            torch.save(checkpoint, partial)
         except RuntimeError as error:  # torch's zip writer reports a failed write (e.g. no space) this way
             raise OSError(f"write failed ({str(error).splitlines()[0][:120]})") from None
 

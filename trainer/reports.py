@@ -7,7 +7,8 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,33 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, default=float))
+
+
+class BackgroundWriter:
+    """Writes outputs (checkpoints, plots) on one background thread, in order, while training goes on: on a GPU an
+    epoch can take about as long as writing a checkpoint. At most one write is in flight; a failed write is
+    raised (e.g. as OutputError) at the next ``submit`` or at ``wait``."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brats2d-writer")
+        self._pending: Future | None = None
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write, *args)
+
+    def wait(self) -> None:
+        """Block until the last write is done; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self, failing: bool = False) -> None:
+        """Finish the last write; when the caller is already ``failing``, its error matters more than the write's."""
+        try:
+            self.wait()
+        except Exception:
+            if not failing:
+                raise
+        finally:
+            self._pool.shutdown(wait=True)

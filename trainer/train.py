@@ -11,8 +11,10 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,9 @@ from trainer.config import FitConfig, FitError, default_batch_size, resolve_devi
 from trainer.data import Artifact
 from trainer.distributed import World, barrier, broadcast_buffers, broadcast_object, init_world, shutdown
 from trainer.metrics import SegmentationMetrics
-from trainer.model import build_model, read_checkpoint, save_checkpoint
+from trainer.model import build_model, checkpoint_of, read_checkpoint, save_checkpoint
 from trainer.pipeline import Batches, autocast_dtype, choose_cache, make_source
-from trainer.reports import write_csv, write_text
+from trainer.reports import BackgroundWriter, write_csv, write_text
 from trainer.step import Optimiser, evaluate, make_loss, train_step
 
 #: Learning curves are redrawn at most this often (and at the end): a plot costs about 0.26 s.
@@ -160,25 +162,63 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         network = torch.compile(network)
     batches = Batches(config, artifact.slice_shape, device)
     loss_fn = make_loss(config.loss).to(device)
-    last_plot = -math.inf
+    writer = BackgroundWriter()
+    try:
+        _epochs(Session(config, state, model, network, optimiser, train_source, val_source, batches, loss_fn,
+                        amp_dtype, artifact, world, history, run_dir, writer))
+        writer.wait()
+    finally:
+        writer.close(failing=sys.exc_info()[0] is not None)
+    if world.is_main:
+        _plot_curves(history.rows, run_dir)
+        _plot_samples(run_dir, artifact, batches)
+    barrier(world)
+    return run_dir
 
+
+@dataclass
+class Session:
+    """Everything a run holds while its epochs go by."""
+
+    config: FitConfig
+    state: dict[str, Any]  # epoch, step, best_score, bad_epochs: saved in last.pt
+    model: nn.Module  # the plain model (evaluated, saved)
+    network: nn.Module  # what trains: the model, maybe wrapped by DDP and torch.compile
+    optimiser: Optimiser
+    train_source: Iterable
+    val_source: Iterable
+    batches: Batches
+    loss_fn: nn.Module
+    amp_dtype: torch.dtype | None
+    artifact: Artifact
+    world: World
+    history: History
+    run_dir: Path
+    writer: BackgroundWriter
+
+
+def _epochs(run: Session) -> None:
+    """Train and validate epoch by epoch until ``config.epochs``, ``max_steps`` or early stopping."""
+    config, state, world, history, optimiser, model = run.config, run.state, run.world, run.history, run.optimiser, run.model
+    last_plot = -math.inf
     for epoch in range(state["epoch"] + 1, config.epochs):
         if config.max_steps is not None and state["step"] >= config.max_steps:
             break
         started = time.perf_counter()
         torch.manual_seed(config.seed + epoch)
-        train_source.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        run.train_source.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         # per rank: under DDP each rank crops and augments its own rows differently
-        generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + epoch + 7919 * world.rank)
+        generator = torch.Generator(device=run.batches.device).manual_seed(config.seed * 1000 + epoch + 7919 * world.rank)
         lr = optimiser.lr
-        train_metrics = _train_epoch(network, train_source, batches, loss_fn, optimiser, amp_dtype, generator,
+        train_metrics = _train_epoch(run.network, run.train_source, run.batches, run.loss_fn, optimiser, run.amp_dtype,
+                                     generator,
                                      state, f"epoch {epoch + 1}/{config.epochs}", world.is_main)
         train_metrics.all_reduce()
         train_seconds = time.perf_counter() - started
-        artifact.check_unchanged()  # every rank, every epoch: never validate on rows of another file
+        run.artifact.check_unchanged()  # every rank, every epoch: never validate on rows of another file
         # the unwrapped model: a rank with no validation rows must not wait in DDP's buffer broadcast
         broadcast_buffers(model, world)
-        val_metrics = evaluate(model, val_source, batches, amp_dtype)
+        val_metrics = evaluate(model, run.val_source, run.batches, run.amp_dtype)
         val_metrics.all_reduce()
         val_seconds = time.perf_counter() - started - train_seconds
         row = {"epoch": epoch, "step": state["step"], "lr": lr, "train_seconds": round(train_seconds, 3),
@@ -187,7 +227,7 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         row |= {f"val_{k}": v for k, v in val_metrics.compute().items()}
         if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
             raise FitError(f"epoch {epoch + 1}: the loss is no longer finite (train {row['train_loss']}, val "
-                           f"{row['val_loss']}); stopped before saving this epoch, {run_dir / 'best.pt'} holds the "
+                           f"{row['val_loss']}); stopped before saving this epoch, {run.run_dir / 'best.pt'} holds the "
                            f"best finite one. Lower --lr (now {config.lr:g}) or keep --clip-grad on")
         improved = row[SCORE_KEY] > state["best_score"]
         state["best_score"] = max(state["best_score"], row[SCORE_KEY])
@@ -195,12 +235,11 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         state["epoch"] = epoch
         if world.is_main:
             history.add(row | {"other_seconds": math.nan, "seconds": math.nan})  # logged before its checkpoint
-            if improved:  # what inference needs: weights and configuration
-                save_checkpoint(run_dir / "best.pt", model, config.to_dict())
-            save_checkpoint(run_dir / "last.pt", model, config.to_dict(), **optimiser.state_dict(), **state)
-            if time.perf_counter() - last_plot >= PLOT_EVERY_SECONDS:
-                _plot_curves(history.rows, run_dir)
-                last_plot = time.perf_counter()
+            best = checkpoint_of(model, config.to_dict()) if improved else None  # what inference needs
+            last = checkpoint_of(model, config.to_dict(), **optimiser.state_dict(), **state)  # what resuming needs
+            plot = time.perf_counter() - last_plot >= PLOT_EVERY_SECONDS
+            last_plot = time.perf_counter() if plot else last_plot
+            run.writer.submit(_write_epoch, run.run_dir, best, last, [dict(r) for r in history.rows] if plot else None)
             history.amend_last(other_seconds=round(time.perf_counter() - started - train_seconds - val_seconds, 3),
                                seconds=round(time.perf_counter() - started, 3))
             tqdm.write(_summary_line(history.rows[-1], improved))
@@ -209,11 +248,16 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
             if world.is_main:
                 tqdm.write(f"early stop: no better {SCORE_KEY} for {config.patience} epochs")
             break
-    if world.is_main:
-        _plot_curves(history.rows, run_dir)
-        _plot_samples(run_dir, artifact, batches)
-    barrier(world)
-    return run_dir
+
+
+def _write_epoch(run_dir: Path, best: dict[str, Any] | None, last: dict[str, Any],
+                 rows: list[dict[str, float]] | None) -> None:
+    """An epoch's outputs, on the background writer: best.pt when it improved, last.pt, and the curves if due."""
+    if best is not None:
+        save_checkpoint(run_dir / "best.pt", best)
+    save_checkpoint(run_dir / "last.pt", last)
+    if rows is not None:
+        _plot_curves(rows, run_dir)
 
 
 def _train_epoch(network: nn.Module, source: Iterable, batches: Batches, loss_fn: nn.Module, optimiser: Optimiser,
