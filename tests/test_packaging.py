@@ -33,3 +33,9 @@ def test_every_command_explains_itself(group: str) -> None:
     for name, command in main.commands.items():
         result = CliRunner().invoke(main, [name, "--help"])
         assert result.exit_code == 0 and len(command.help or "") > 20, name
+
+
+def test_predict_and_evaluate_load_without_the_training_loop() -> None:
+    code = "import sys, trainer.predict, trainer.evaluate; print('trainer.train' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
