@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pytest
@@ -92,6 +94,13 @@ def test_compare_writes_table_pictures_and_reuses_runs(artifact: Path, cases_dir
     assert again.exit_code == 1 and "--reuse" in again.output
     reused = CliRunner().invoke(main, [*args, "--reuse"])
     assert reused.exit_code == 0 and reused.output.count("reusing") == 5
+    rebuilt = tmp_path / "rebuilt.h5"  # another build (its own id) of the same cases: the runs do not belong to it
+    shutil.copy(artifact, rebuilt)
+    with h5py.File(rebuilt, "r+") as f:
+        f.attrs["data_id"] = "0" * 32
+    refused = CliRunner().invoke(main, ["compare", str(rebuilt), *args[2:], "--reuse"])
+    assert refused.exit_code == 1 and "not the file this run trained on" in refused.output
+    assert "reusing" not in refused.output and "Traceback" not in refused.output
 
 
 def test_predict_writes_a_seg_nifti_matching_the_source(small_run: Path, cases_dir: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from trainer.data import Artifact
 from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, evaluate_rows, per_case, scorable
 from trainer.fusion import mean_probabilities, vote
 from trainer.metrics import SegmentationMetrics
-from trainer.model import load_model
+from trainer.model import load_model, read_checkpoint
 from trainer.reports import write_csv, write_json, write_text
 from trainer.statistics import bootstrap_interval, paired_difference
 from trainer.train import fit
@@ -47,12 +47,15 @@ class Outcome:
     best_val_dice: float | None = None
 
 
-def train_all(base: FitConfig, out: Path, reuse: bool) -> dict[str, Path]:
-    """Train (or, with ``reuse``, keep the finished) run for each approach in ``out/<approach>``."""
+def train_all(base: FitConfig, artifact: Artifact, out: Path, reuse: bool) -> dict[str, Path]:
+    """Train (or, with ``reuse``, keep the finished) run for each approach in ``out/<approach>``; a run kept must
+    have trained on ``artifact`` itself, checked before anything is trained."""
     runs = {}
     for approach in APPROACHES:
         run_dir = out / approach
         if (run_dir / "best.pt").is_file() and reuse:
+            saved = read_checkpoint(run_dir / "best.pt")["config"]
+            artifact.check_identity(saved.get("data_id"), saved.get("data_sha256"))
             print(f"reusing {run_dir}", flush=True)
         elif run_dir.exists() and any(run_dir.iterdir()):
             raise FitError(f"{run_dir} exists: pass --reuse to keep finished runs, or choose another --out")
@@ -66,7 +69,7 @@ def _predict(run_dir: Path, artifact: Artifact, rows: np.ndarray, device: torch.
     """Test-split softmax maps (float16, CPU), per-slice metrics, the run's config and its model."""
     model, saved = load_model(run_dir / "best.pt", device)
     config = FitConfig.from_dict({**saved, "data": str(artifact.path), "device": str(device)})
-    artifact.check_identity(config.data_id, config.data_sha256)  # a reused run must have trained on this very file
+    artifact.check_identity(config.data_id, config.data_sha256)  # every scored run trained on this very file
     chunks: list[torch.Tensor] = []
     metrics = evaluate_rows(model, config, artifact, rows, device, workers, chunks)
     return torch.cat(chunks), metrics, config, model
@@ -100,7 +103,7 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, v
     artifact.rows_of("val")
     rows = artifact.rows_of("test")
     started = time.perf_counter()
-    runs = train_all(base, out, reuse)
+    runs = train_all(base, artifact, out, reuse)
     device = resolve_device(base.device)
     with h5py.File(artifact.path, "r") as f:
         seg = np.stack([f["seg"][int(r)] for r in rows])
