@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import uuid
@@ -44,7 +45,7 @@ class ArtifactWriter:
     def __init__(self, out: Path, compression: str = DEFAULT_COMPRESSION) -> None:
         self.out = out
         self.compression = compression
-        self.tmp = partial_path(out)
+        self.tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # hidden, named by the process
         # Whole chunks are written once: a chunk cache would only grow memory with the row count.
         self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)  # raises OSError when OUT's folder is not writable
         self.rows = 0
@@ -133,16 +134,11 @@ def _failed_writes_as_oserror() -> Iterator[None]:
         raise OSError(str(error).splitlines()[0][:200]) from None
 
 
-def partial_path(out: Path, pid: int | None = None) -> Path:
-    """Where a build writing ``out`` keeps its rows until they are complete: hidden, named by the process."""
-    return out.with_name(f".{out.name}.{os.getpid() if pid is None else pid}.partial")
-
-
 def remove_stale_partials(out: Path) -> list[Path]:
     """Remove partial files of ``out`` left by builds whose process no longer exists (killed with -9, a power
     cut): each can be gigabytes. Returns what was removed."""
     removed = []
-    for path in out.parent.glob(f".{out.name}.*.partial"):
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
         pid = path.name[len(out.name) + 2 : -len(".partial")]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
