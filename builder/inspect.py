@@ -45,7 +45,7 @@ def _attr(f: h5py.File, key: str) -> object:
 
 
 def filters_needed(f: h5py.File) -> list[str]:
-    """Each filter the row datasets use and what a reader needs for it, e.g. "32001 (blosc): the Blosc plugin"."""
+    """Each filter the row datasets use and what a reader needs for it, e.g. "32001: the Blosc plugin (...)"."""
     names = {name for m in (*(_attr(f, "modalities") or []), SEG) if m in f for name in f[m]._filters}
     return [f"{name}: {_FILTERS.get(name, 'an HDF5 plugin with this id')}" for name in sorted(names)]
 

@@ -86,3 +86,12 @@ def unprivileged(command: list[str]) -> list[str]:
     if shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv: file permissions cannot be enforced here")
     return ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", *command]
+
+
+def one_error_line(result) -> str:
+    """The single ``Error: ...`` line of a CLI result that failed cleanly (exit 1, no traceback)."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    return lines[0]

@@ -26,7 +26,7 @@ from trainer import train as train_module
 from trainer.cli import main
 from trainer.data import Artifact
 
-from conftest import FAST, file_size_limit, unprivileged
+from conftest import FAST, file_size_limit, one_error_line, unprivileged
 
 
 def _trainer(*args: str):
@@ -35,14 +35,6 @@ def _trainer(*args: str):
 
 def _builder(*args: str):
     return CliRunner().invoke(build_main, [str(a) for a in args])
-
-
-def _one_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def _partials(folder: Path) -> list[Path]:
@@ -58,14 +50,14 @@ def test_rebuilt_file_is_refused_unless_scored_on_purpose(small_run: Path, artif
     assert _trainer("evaluate", small_run, "--data", moved, "--device", "cpu").exit_code == 0
     rebuilt = tmp_path / "rebuilt.h5"
     build(cases_dir, rebuilt, BuildOptions(jobs=1, seed=5, val_fraction=0.25, test_fraction=0.25, progress=False))
-    line = _one_line(_trainer("evaluate", small_run, "--data", rebuilt, "--device", "cpu"))
+    line = one_error_line(_trainer("evaluate", small_run, "--data", rebuilt, "--device", "cpu"))
     assert "not the file this run trained on" in line and Artifact.open(rebuilt).data_id in line
     assert "--other-data" in line
     scored = _trainer("evaluate", small_run, "--data", rebuilt, "--other-data", "--device", "cpu")
     assert scored.exit_code == 0, scored.output
     assert "on purpose" in json.loads((small_run / "test_metrics.json").read_text())["data_check"]
     resumed = _trainer("fit", rebuilt, "--resume", small_run, *FAST)
-    assert "not the file this run trained on" in _one_line(resumed)
+    assert "not the file this run trained on" in one_error_line(resumed)
 
 
 def test_file_replaced_during_fit_is_detected_not_read(artifact: Path, cases_dir: Path, tmp_path: Path,
@@ -83,7 +75,7 @@ def test_file_replaced_during_fit_is_detected_not_read(artifact: Path, cases_dir
 
     monkeypatch.setattr(train_module.History, "add", add_then_rebuild)
     result = _trainer("fit", data, "-m", "t1n", "--out", tmp_path / "runs", *FAST, "--epochs", "3")
-    line = _one_line(result)
+    line = one_error_line(result)
     assert "replaced or changed while this run read it" in line and str(data) in line
     (run,) = (tmp_path / "runs").iterdir()
     with open(run / "metrics.csv") as handle:
@@ -100,7 +92,7 @@ def test_damaged_splits_stop_at_open(artifact: Path, tmp_path: Path, damage: str
                "fraction": train.astype(np.float64) + 0.5, "range": np.r_[train, f["seg"].shape[0] + 3]}[damage]
         del f["split/train"]
         f["split/train"] = new
-    line = _one_line(_trainer("fit", bad, "-m", "t1n", "--out", tmp_path, *FAST))
+    line = one_error_line(_trainer("fit", bad, "-m", "t1n", "--out", tmp_path, *FAST))
     assert str(bad) in line and ("split" in line or "share rows" in line)
     assert list(tmp_path.glob("t1n-*")) == []
     verified = _builder("verify", bad)
@@ -117,7 +109,7 @@ def test_label_outside_the_classes_names_row_and_case(artifact: Path, tmp_path: 
         seg[seg > 0] = 9
         f["seg"][row] = seg
         case = f["case_id"].asstr()[row]
-    line = _one_line(_trainer("fit", bad, "-m", "t1n", "--out", tmp_path, *FAST, "--workers", workers))
+    line = one_error_line(_trainer("fit", bad, "-m", "t1n", "--out", tmp_path, *FAST, "--workers", workers))
     assert f"row {row} (case {case}) holds label 9" in line and "brats-build verify" in line
 
 
@@ -126,16 +118,16 @@ def test_attributes_out_of_bounds_and_missing_datasets(artifact: Path, tmp_path:
     shutil.copy(artifact, deep)
     with h5py.File(deep, "r+") as f:
         f.attrs["axis_codes"] = "[" * 50_000 + "]" * 50_000
-    line = _one_line(_trainer("fit", deep, "-m", "t1n", "--out", tmp_path, *FAST))
+    line = one_error_line(_trainer("fit", deep, "-m", "t1n", "--out", tmp_path, *FAST))
     assert "attribute axis_codes" in line
-    assert "axis_codes" in _one_line(_builder("info", deep))
+    assert "axis_codes" in one_error_line(_builder("info", deep))
     verified = _builder("verify", deep)
     assert verified.exit_code == 1 and "Traceback" not in verified.output and "axis_codes" in verified.output
     headless = tmp_path / "no_case_id.h5"
     shutil.copy(artifact, headless)
     with h5py.File(headless, "r+") as f:
         del f["case_id"]
-    assert "no /case_id" in _one_line(_trainer("fit", headless, "-m", "t1n", "--out", tmp_path, *FAST))
+    assert "no /case_id" in one_error_line(_trainer("fit", headless, "-m", "t1n", "--out", tmp_path, *FAST))
     verified = _builder("verify", headless)
     assert verified.exit_code == 1 and "/case_id: missing" in verified.output
 
@@ -144,7 +136,7 @@ class Payload:
     """Not something a checkpoint holds: loading it would need to build this object."""
 
 
-def test_crafted_checkpoints_are_refused_in_one_line(small_run: Path, tmp_path: Path) -> None:
+def test_crafted_checkpoints_are_refused_inone_error_line(small_run: Path, tmp_path: Path) -> None:
     good = torch.load(small_run / "best.pt", weights_only=True)
     crafted = tmp_path / "crafted"
     crafted.mkdir()
@@ -155,16 +147,16 @@ def test_crafted_checkpoints_are_refused_in_one_line(small_run: Path, tmp_path: 
     case = tmp_path / "out"
     for name, words in (("unsafe.pt", "refused"), ("huge.pt", "invalid configuration"),
                         ("truncated.pt", "not a readable checkpoint")):
-        line = _one_line(_trainer("predict", crafted, str(small_run), "--out", case, "--checkpoint", name))
+        line = one_error_line(_trainer("predict", crafted, str(small_run), "--out", case, "--checkpoint", name))
         assert words in line and name in line
 
 
 def test_non_finite_loss_stops_and_never_becomes_best(artifact: Path, tmp_path: Path) -> None:
-    assert "--lr inf" in _one_line(_trainer("fit", artifact, "-m", "t1n", "--out", tmp_path, *FAST, "--lr", "inf"))
+    assert "--lr inf" in one_error_line(_trainer("fit", artifact, "-m", "t1n", "--out", tmp_path, *FAST, "--lr", "inf"))
     out = tmp_path / "runs"
     result = _trainer("fit", artifact, "-m", "t1n", "--out", out, *FAST, "--lr", "1e30", "--clip-grad", "0",
                       "--warmup-epochs", "0", "--epochs", "3")
-    assert "no longer finite" in _one_line(result)
+    assert "no longer finite" in one_error_line(result)
     (run,) = out.iterdir()
     if (run / "best.pt").exists():  # only ever from a finite epoch
         weights = torch.load(run / "best.pt", weights_only=True)["model"]
@@ -205,7 +197,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(artifact: Path, tm
     before = (run / "last.pt").read_bytes()
     with file_size_limit((run / "best.pt").stat().st_size + 1000):  # best.pt fits, last.pt (optimiser state) not
         result = _trainer("fit", artifact, "--resume", run)
-    line = _one_line(result)
+    line = one_error_line(result)
     assert "last.pt: could not be written" in line and "nothing partial" in line
     assert (run / "last.pt").read_bytes() == before and _partials(run) == []
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 0  # still resumable
@@ -217,7 +209,7 @@ def test_full_disk_while_predicting_leaves_no_partial_mask(small_run: Path, case
     case = sorted(cases_dir.iterdir())[0]
     with file_size_limit(1_000):
         result = _trainer("predict", small_run, case, "--out", out, "--device", "cpu", "--no-clean-up")
-    line = _one_line(result)
+    line = one_error_line(result)
     assert f"{case.name}-seg.nii.gz: could not be written" in line
     assert list(out.iterdir()) == []
 

@@ -92,13 +92,17 @@ def test_region_dice_equals_smp_f1_and_the_volume_dice() -> None:
     import numpy as np
     import segmentation_models_pytorch as smp
 
-    from trainer.metrics import region_dice, region_masks
+    from builder.format import REGIONS
+    from trainer.metrics import region_dice
     from trainer.scoring import dice
 
     generator = torch.Generator().manual_seed(1)
     pred = torch.randint(0, 4, (6, 9, 11), generator=generator)
     target = torch.randint(0, 4, (6, 9, 11), generator=generator)
     pred[0], target[0] = 0, 0  # empty in both: 1
+    def region_masks(labels: torch.Tensor, _task: str) -> torch.Tensor:  # (B, R, H, W) 0/1, by np.isin per region
+        return torch.from_numpy(np.stack([np.isin(labels.numpy(), v) for v in REGIONS.values()], 1).astype(np.int64))
+
     ours = region_dice(pred, target, "multiclass")
     stats = smp.metrics.get_stats(region_masks(pred, "multiclass"), region_masks(target, "multiclass"), mode="multilabel")
     assert torch.allclose(ours, smp.metrics.f1_score(*stats, reduction="none", zero_division=1.0).float())

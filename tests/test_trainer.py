@@ -20,19 +20,11 @@ from trainer.cli import main
 from trainer.data import SliceDataset
 from trainer.model import load_model
 
-from conftest import FAST
+from conftest import FAST, one_error_line
 
 
 def _fit(artifact: Path, out: Path, *extra: str):
     return CliRunner().invoke(main, ["fit", str(artifact), "--out", str(out), *FAST, *extra], catch_exceptions=False)
-
-
-def _one_clear_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def test_dataset_rows_equal_the_file_and_survive_worker_processes(artifact: Path) -> None:
@@ -142,22 +134,22 @@ def test_resume_continues_a_killed_run_to_the_same_result(artifact: Path, tmp_pa
 def test_not_hdf5_other_version_and_missing_modality(artifact: Path, tmp_path: Path) -> None:
     junk = tmp_path / "junk.h5"
     junk.write_text("hello")
-    assert "not an HDF5 file" in _one_clear_line(_fit(junk, tmp_path, "-m", "t1n"))
+    assert "not an HDF5 file" in one_error_line(_fit(junk, tmp_path, "-m", "t1n"))
     other = tmp_path / "other.h5"
     shutil.copy(artifact, other)
     with h5py.File(other, "r+") as f:
         f.attrs["format_version"] = 99
-    assert "format_version 99" in _one_clear_line(_fit(other, tmp_path, "-m", "t1n"))
+    assert "format_version 99" in one_error_line(_fit(other, tmp_path, "-m", "t1n"))
     fewer = tmp_path / "fewer.h5"
     shutil.copy(artifact, fewer)
     with h5py.File(fewer, "r+") as f:
         del f["t1c"]
         f.attrs["modalities"] = json.dumps(["t1n", "t2w", "t2f"])
-    assert "no modality t1c" in _one_clear_line(_fit(fewer, tmp_path, "-m", "t1ce"))
+    assert "no modality t1c" in one_error_line(_fit(fewer, tmp_path, "-m", "t1ce"))
     plain = tmp_path / "plain.h5"
     with h5py.File(plain, "w") as f:
         f["x"] = [1]
-    assert "not a brats2d artifact" in _one_clear_line(_fit(plain, tmp_path, "-m", "t1n"))
+    assert "not a brats2d artifact" in one_error_line(_fit(plain, tmp_path, "-m", "t1n"))
 
 
 def test_empty_split_and_oversized_batch(artifact: Path, tmp_path: Path) -> None:
@@ -166,15 +158,15 @@ def test_empty_split_and_oversized_batch(artifact: Path, tmp_path: Path) -> None
     with h5py.File(no_val, "r+") as f:
         del f["split/val"]
         f["split/val"] = np.zeros(0, dtype=np.int64)
-    assert "val split has no rows" in _one_clear_line(_fit(no_val, tmp_path, "-m", "t1n"))
+    assert "val split has no rows" in one_error_line(_fit(no_val, tmp_path, "-m", "t1n"))
     args = [a if a != "3" else "64" for a in FAST]
     result = CliRunner().invoke(main, ["fit", str(artifact), "--out", str(tmp_path), *args, "-m", "t1n"])
-    assert "larger than the train split" in _one_clear_line(result)
+    assert "larger than the train split" in one_error_line(result)
 
 
 def test_unknown_names_list_the_valid_ones(artifact: Path, tmp_path: Path) -> None:
     result = _fit(artifact, tmp_path, "-m", "t1n", "--arch", "transformer9000")
-    line = _one_clear_line(result)
+    line = one_error_line(result)
     assert "unknown architecture" in line and "unet" in line and "deeplabv3plus" in line
     result = CliRunner().invoke(main, ["fit", str(artifact), "-m", "pd"])
     assert result.exit_code == 2 and "t1n" in result.output and "flair" in result.output
@@ -192,7 +184,7 @@ def test_weights_that_cannot_be_fetched(artifact: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr(smp, "create_model", offline)
     args = [a if a != "none" else "imagenet" for a in FAST]
     result = CliRunner().invoke(main, ["fit", str(artifact), "--out", str(tmp_path), *args, "-m", "t1n"])
-    line = _one_clear_line(result)
+    line = one_error_line(result)
     assert "could not fetch imagenet weights" in line and "--encoder-weights none" in line
 
 
@@ -206,7 +198,7 @@ def test_damaged_chunk_is_reported_not_raised(artifact: Path, tmp_path: Path) ->
     with open(damaged, "r+b") as handle:
         handle.seek(target.byte_offset + target.size // 2)
         handle.write(b"\x00\xff\x00\xff")
-    line = _one_clear_line(_fit(damaged, tmp_path / "runs", "-m", "t2w", "--epochs", "1"))
+    line = one_error_line(_fit(damaged, tmp_path / "runs", "-m", "t2w", "--epochs", "1"))
     assert "brats-build verify" in line
 
 
@@ -237,7 +229,7 @@ def test_unknown_device_and_zero_jobs_are_one_line(artifact: Path, tmp_path: Pat
     from builder.cli import main as build_main
 
     args = [a if a != "cpu" else "tpu" for a in FAST]
-    assert "--device tpu" in _one_clear_line(CliRunner().invoke(main, ["fit", str(artifact), "-m", "t1n", "--out",
+    assert "--device tpu" in one_error_line(CliRunner().invoke(main, ["fit", str(artifact), "-m", "t1n", "--out",
                                                                        str(tmp_path), *args]))
     built = CliRunner().invoke(build_main, ["build", str(tmp_path), str(tmp_path / "x.h5"), "--jobs", "0"])
     assert built.exit_code == 2 and "--jobs" in built.output and "Traceback" not in built.output

@@ -23,13 +23,6 @@ def region_names(task: str) -> tuple[str, ...]:
     return tuple(REGIONS) if task == "multiclass" else ("WT",)
 
 
-def region_masks(labels: torch.Tensor, task: str) -> torch.Tensor:
-    """(B, R, H, W) 0/1 masks of each BraTS region from a (B, H, W) label map of the task's classes."""
-    if task == "binary":
-        return (labels > 0).long().unsqueeze(1)
-    return torch.stack([torch.isin(labels, torch.tensor(v, device=labels.device)) for v in REGIONS.values()], 1).long()
-
-
 def slice_confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
     """(B, C, C) confusion matrix of each slice (truth rows, predicted columns) in one ``bincount`` on the device:
     every count the metrics need, with no per-sample loop and no host sync (smp's multiclass ``get_stats`` loops
