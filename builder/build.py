@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -14,15 +15,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
-from tqdm.auto import tqdm
 
 from builder import __version__
 from builder.extract import CaseHeaders, CaseRows, Skipped, SliceRule, read_case_headers, read_case_rows
-from builder.format import FORMAT_VERSION, MODALITIES
+from builder.format import FORMAT_VERSION, MODALITIES, slice_axis
 from builder.layout import Case, find_cases
+from builder.processes import kill_descendants
+from builder.progress import Progress
 from builder.split import split_cases, split_rows
 from builder.writer import DEFAULT_COMPRESSION, ArtifactWriter, remove_stale_partials
 
@@ -74,6 +77,7 @@ def parallel_backend(backend: str, jobs: int, scheduler: str | None) -> Iterator
     except ImportError:
         raise BuildError("--backend dask needs the 'distributed' package: pip install 'brats2d[dask]'") from None
     if scheduler:
+        _check_reachable(scheduler)
         try:
             client = Client(scheduler, timeout=30)
         except OSError as error:
@@ -88,19 +92,35 @@ def parallel_backend(backend: str, jobs: int, scheduler: str | None) -> Iterator
         client.close()
 
 
+def _check_reachable(scheduler: str) -> None:
+    """Fail at once, in one line, when nothing listens at the scheduler's address (Dask's client would retry for
+    its whole timeout first)."""
+    address = urlsplit(scheduler if "://" in scheduler else f"tcp://{scheduler}")
+    try:
+        host, port = address.hostname, address.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise BuildError(f"--scheduler {scheduler}: give the Dask scheduler's address as tcp://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as error:
+        raise BuildError(f"cannot reach the Dask scheduler at {scheduler}: {error.strerror or error}") from None
+
+
 def _map(
     function: Callable[..., R], items: Iterable[T], total: int, desc: str, progress: bool, *args: object
 ) -> Iterator[R]:
     """Apply ``function`` to each item in the active joblib backend; results arrive in order, as they finish."""
     run = Parallel(return_as="generator", pre_dispatch="2*n_jobs")
     results = run(delayed(function)(item, *args) for item in items)
-    yield from tqdm(results, total=total, desc=desc, unit="case", disable=None if progress else True, dynamic_ncols=True)
+    yield from Progress(results, desc, total, "case", show=progress)
 
 
-def _plan(headers: list[CaseHeaders]) -> tuple[tuple, dict[str, str]]:
-    """Geometry (the most common slice shape, orientation and voxel size) and stored dtype per modality (shared
-    dtype, else float32)."""
-    geometry = Counter(h.geometry for h in headers).most_common(1)[0][0]
+def _plan(headers: list[CaseHeaders], plane: str) -> tuple[tuple, dict[str, str]]:
+    """Geometry (the most common slice shape in ``plane``, orientation and voxel size) and stored dtype per modality
+    (shared dtype, else float32)."""
+    geometry = Counter(h.geometry(plane) for h in headers).most_common(1)[0][0]
     dtypes = {}
     for modality in MODALITIES:
         seen = {h.value_dtypes[modality] for h in headers}
@@ -174,7 +194,7 @@ def _removed_on_signal(partial: Path) -> Iterator[None]:
     because an exception raised inside joblib's result generator can be swallowed while it shuts its pool down."""
     def stop(signum: int, _frame: object) -> None:
         partial.unlink(missing_ok=True)
-        _kill_descendants()
+        kill_descendants()
         print(f"\nbuild stopped by {signal.Signals(signum).name}: removed {partial.name}; the output was not changed",
               file=sys.stderr, flush=True)
         os._exit(128 + signum)
@@ -188,27 +208,6 @@ def _removed_on_signal(partial: Path) -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def _kill_descendants() -> None:
-    """SIGKILL every process below this one (joblib's loky workers, a local Dask cluster), read from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
-        tree |= frontier
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def _check_strict(options: BuildOptions, skipped: list[Skipped]) -> None:
@@ -229,13 +228,16 @@ def _build_into(
     _check_strict(options, skipped)
     if not headers:
         raise BuildError(f"{source}: no valid case among {len(cases)} (first problem: {skipped[0].reason})")
-    geometry, dtypes = _plan(headers)
+    rule = options.rule
+    geometry, dtypes = _plan(headers, rule.plane)
     slice_shape, axis_codes, voxel_size = geometry
-    readable = {h.case_id for h in headers if h.geometry == geometry}
-    skipped += [Skipped(h.case_id, _geometry_problem(h.geometry, geometry)) for h in headers if h.case_id not in readable]
+    axis = slice_axis(axis_codes, rule.plane)
+    readable = {h.case_id for h in headers if h.geometry(rule.plane) == geometry}
+    skipped += [Skipped(h.case_id, _geometry_problem(h.geometry(rule.plane), geometry))
+                for h in headers if h.case_id not in readable]
     todo = [case for case in cases if case.case_id in readable]
-    writer.create(slice_shape, dtypes)
-    for result in _map(read_case_rows, todo, len(todo), "slices", options.progress, options.rule, dtypes):
+    writer.create(slice_shape, dtypes, rule.context)
+    for result in _map(read_case_rows, todo, len(todo), "slices", options.progress, rule, dtypes, axis):
         if isinstance(result, CaseRows):
             writer.append(result)
         else:
@@ -259,11 +261,14 @@ def _build_into(
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "seed": options.seed,
             "split_fractions": _split_attrs(options),
-            "slice_rule": options.rule.describe(),
-            "slices_per_case": "all" if options.rule.per_case is None else options.rule.per_case,
-            "min_tumour_voxels": options.rule.min_tumour_voxels,
-            "background_slices": options.rule.background,
-            "label4": options.rule.label4,
+            "slice_rule": rule.describe(),
+            "slices_per_case": "all" if rule.per_case is None else rule.per_case,
+            "min_tumour_voxels": rule.min_tumour_voxels,
+            "background_slices": rule.background,
+            "label4": rule.label4,
+            "plane": rule.plane,
+            "slice_axis": axis,
+            "context": rule.context,
             "split_unit": "patient",
             "axis_codes": list(axis_codes),
             "voxel_size": list(voxel_size),

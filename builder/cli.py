@@ -6,18 +6,21 @@ from pathlib import Path
 
 import click
 from joblib import Parallel, delayed
-from tqdm.auto import tqdm
 
+from builder import __version__
 from builder.build import BuildError, BuildOptions, build
 from builder.extract import SliceRule
 from builder.inspect import describe, verify
+from builder.format import MAX_CONTEXT, PLANES
 from builder.labels import LABEL4_CHOICES
 from builder.layout import LAYOUTS
+from builder.progress import Progress
 from builder.synth import write_case
 from builder.writer import COMPRESSIONS, DEFAULT_COMPRESSION
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="brats-build (brats2d)")
 def main() -> None:
     """Turn a BraTS folder into one chunked HDF5 file of densest tumour slices (datasets/FORMAT.md)."""
 
@@ -40,7 +43,7 @@ def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, 
         raise click.ClickException(f"{out}: cannot create this folder ({error.strerror})") from None
     run = Parallel(n_jobs=jobs, return_as="generator_unordered")
     tasks = (delayed(write_case)(out, i, seed, layout, not uncompressed) for i in range(first, first + cases))
-    for _ in tqdm(run(tasks), total=cases, desc="synthetic cases", unit="case", disable=None):
+    for _ in Progress(run(tasks), "synthetic cases", cases, "case"):
         pass
     click.echo(f"wrote {cases} synthetic cases to {out}")
 
@@ -64,6 +67,13 @@ def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, 
               help="What seg label 4 means: auto = enhancing tumour in pre-2023 names (Brats18_..., BraTS2021_...), "
                    "and a skipped case in 2023-style names (BraTS 2024 uses 4 for the resection cavity); "
                    "et = enhancing tumour; background = not tumour.")
+@click.option("--plane", type=click.Choice(list(PLANES)), default="axial", show_default=True,
+              help="Slice the volumes in this plane (of the volumes' own orientation, worked out from their axis codes): "
+                   "build one file per plane to train a three-plane ensemble. Coronal and sagittal slices of BraTS "
+                   "are 240x155 (the trainer pads them).")
+@click.option("--context", default=0, show_default=True, type=click.IntRange(0, MAX_CONTEXT),
+              help="Also store the K slices on each side of every row (zeros beyond the volume's edge), so that models "
+                   "can see what lies above and below (2.5D: `brats-train fit --context K`, at most this K).")
 @click.option("--compression", type=click.Choice(sorted(COMPRESSIONS)), default=DEFAULT_COMPRESSION, show_default=True,
               help="blosc-lz4: smallest and fastest, but readers need the Blosc plugin (Python: hdf5plugin); "
                    "gzip: HDF5's built-in deflate, readable by any HDF5 tool (h5py alone, h5ls, HDFView, MATLAB); "
@@ -73,12 +83,12 @@ def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, 
               help="joblib backend: local processes, or a Dask cluster.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://HOST:PORT); default: a local cluster.")
 def build_command(source: Path, out: Path, jobs: int, seed: int, val_fraction: float, test_fraction: float,
-                  slices_per_case: str, min_tumour_voxels: int, background_slices: int, label4: str,
-                  compression: str, strict: bool, backend: str, scheduler: str | None) -> None:
+                  slices_per_case: str, min_tumour_voxels: int, background_slices: int, label4: str, plane: str,
+                  context: int, compression: str, strict: bool, backend: str, scheduler: str | None) -> None:
     """Build OUT (an .h5 file) from the BraTS case folders under SOURCE.
 
-    Reads each case's seg in full, picks its densest axial slice(s), reads just those slices of the four
-    modalities, and streams the rows into OUT with split indices by patient (all scans of a patient in one
+    Reads each case's seg in full, picks its densest slice(s) in --plane (axial by default), reads just those slices
+    (and their --context neighbours) of the four modalities, and streams the rows into OUT with split indices by patient (all scans of a patient in one
     split). Bad cases, and cases whose orientation or voxel size differs from the rest, are skipped and listed.
 
     OUT appears only when complete: a failed, killed or interrupted (Ctrl-C, SIGTERM) build leaves the previous
@@ -88,7 +98,7 @@ def build_command(source: Path, out: Path, jobs: int, seed: int, val_fraction: f
     options = BuildOptions(
         jobs=jobs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
         rule=SliceRule(per_case=per_case, min_tumour_voxels=min_tumour_voxels, background=background_slices,
-                       label4=label4),
+                       label4=label4, plane=plane, context=context),
         strict=strict, backend=backend, scheduler=scheduler, compression=compression,
     )
     try:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Versions readers accept: v1 files lack /background, the geometry attributes and patient-grouped splits;
-#: v2 files lack the build id and the checksums of the row metadata and splits.
-READABLE_VERSIONS = (1, 2, 3)
+#: v2 files lack the build id and the checksums of the row metadata and splits; v3 files hold axial slices only,
+#: without neighbouring slices.
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 #: Canonical BraTS 2023 modality names, in the order the builder stores and early fusion stacks them.
 MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
@@ -39,6 +40,12 @@ BACKGROUND = "background"
 DEFAULT_AXIS_CODES: tuple[str, str, str] = ("L", "P", "S")
 DEFAULT_VOXEL_SIZE: tuple[float, float, float] = (1.0, 1.0, 1.0)
 SPLIT_GROUP = "split"
+#: Neighbouring slices of each row (``--context K``, v4): ``/context/<modality>`` holds (N, 2K, H, W).
+CONTEXT_GROUP = "context"
+#: The most neighbouring slices on each side a file may hold: 8 is 17 slices per modality, 68 input channels.
+MAX_CONTEXT = 8
+#: Slicing planes, each named with the two axis-code letters of the axis it slices along (perpendicular to it).
+PLANES: dict[str, str] = {"axial": "SI", "coronal": "AP", "sagittal": "LR"}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Root attribute: a random id fixed when the file is built; runs record it and check it (v3).
 DATA_ID = "data_id"
@@ -59,6 +66,22 @@ def canonical_modality(name: str) -> str:
         valid = ", ".join(MODALITIES + tuple(MODALITY_ALIASES))
         raise ValueError(f"unknown modality {name!r}; valid names: {valid}")
     return key
+
+
+def slice_axis(axis_codes: tuple[str, ...] | list[str], plane: str) -> int:
+    """The volume axis that ``plane`` slices along, worked out from the volume's nibabel axis codes (BraTS's L, P, S:
+    axial 2, coronal 1, sagittal 0); rows are ``np.take(volume, index, axis)``."""
+    if plane not in PLANES:
+        raise ValueError(f"unknown plane {plane!r}; valid: {', '.join(PLANES)}")
+    for axis, code in enumerate(axis_codes):
+        if str(code).upper() in PLANES[plane]:
+            return axis
+    raise ValueError(f"axis codes {''.join(map(str, axis_codes))} name no {plane} axis")
+
+
+def context_offsets(context: int) -> list[int]:
+    """Positions of the neighbouring slices of a row, relative to it, in the order ``/context/<m>`` stores them."""
+    return [*range(-context, 0), *range(1, context + 1)]
 
 
 def decode_attribute(value: object, name: str = "attribute") -> object:

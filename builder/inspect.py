@@ -12,6 +12,7 @@ import numpy as np
 from builder.format import (
     BACKGROUND,
     CASE_ID,
+    CONTEXT_GROUP,
     DATA_ID,
     READABLE_VERSIONS,
     SEG,
@@ -23,7 +24,7 @@ from builder.format import (
     split_problem,
 )
 
-_BLOCK = 256  # rows read at a time while verifying: bounded memory on any file size
+_BLOCK_BYTES = 32 << 20  # read at a time while verifying: bounded memory on any file size
 #: HDF5 filters by the name h5py reports, and what a reader needs for each (registered ids for plugins).
 _FILTERS = {"gzip": "built into HDF5", "shuffle": "built into HDF5", "fletcher32": "built into HDF5",
             "lzf": "h5py's LZF filter (h5py only)", "32001": "the Blosc plugin (Python: import hdf5plugin)",
@@ -63,6 +64,8 @@ def describe(path: Path) -> str:
             + ", ".join(f"{m} {f[m].dtype}" for m in modalities)
             + f"; seg {f[SEG].dtype}; slice {f[SEG].shape[1]}x{f[SEG].shape[2]}",
             f"slices: {_attr(f, 'slice_rule')}",
+            f"plane: {_attr(f, 'plane') or 'axial'} (volume axis {_attr(f, 'slice_axis') if 'slice_axis' in f.attrs else 2}), "
+            f"context: {_attr(f, 'context') or 0} slice(s) on each side",
             f"built by brats2d builder {_attr(f, 'builder_version')} on {_attr(f, 'created')} "
             f"from {_attr(f, 'source')} ({', '.join(_attr(f, 'source_layouts') or [])}), seed {_attr(f, 'seed')}",
             f"storage: {_attr(f, 'compression') or 'blosc-lz4'}, fletcher32 checksums, one slice per chunk; "
@@ -88,11 +91,12 @@ def _check_rows(f: h5py.File, name: str, rows: int, case_ids: np.ndarray | None,
     """Read every chunk (so HDF5 checks its fletcher32 checksum) and, for the seg, the label range; a damaged
     block is read again row by row to name each damaged row and its case."""
     dataset = f[name]
-    for start in range(0, rows, _BLOCK):
+    step = max(1, _BLOCK_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
+    for start in range(0, rows, step):
         try:
-            block = dataset[start : start + _BLOCK]
+            block = dataset[start : start + step]
         except OSError as error:
-            for row in range(start, min(start + _BLOCK, rows)):
+            for row in range(start, min(start + step, rows)):
                 try:
                     dataset[row]
                 except OSError:
@@ -122,14 +126,17 @@ def verify(path: Path) -> list[str]:
             except ValueError as error:  # BadAttribute: out of the format's bounds
                 report.check(False, str(error))
         modalities = _attr(f, "modalities") or []
+        context = _attr(f, "context") or 0
         names = [*modalities, SEG]
-        for name in [*names, CASE_ID, SLICE_INDEX, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)]:
+        neighbours = [f"{CONTEXT_GROUP}/{m}" for m in modalities] if context else []
+        for name in [*names, *neighbours, CASE_ID, SLICE_INDEX, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)]:
             report.check(name in f, f"/{name}: missing")
         if report.problems:
             return report.problems
         rows, height, width = f[SEG].shape
-        for name in names:
-            report.check(f[name].shape == (rows, height, width), f"/{name}: shape {f[name].shape} is not {(rows, height, width)}")
+        for name in names + neighbours:
+            shape = (rows, 2 * context, height, width) if name in neighbours else (rows, height, width)
+            report.check(f[name].shape == shape, f"/{name}: shape {f[name].shape} is not {shape}")
             report.check(f[name].fletcher32, f"/{name}: written without checksums")
         report.check(f[CASE_ID].shape == (rows,), f"/{CASE_ID}: {f[CASE_ID].shape[0]} entries for {rows} rows")
         report.check(f[SLICE_INDEX].shape == (rows,), f"/{SLICE_INDEX}: {f[SLICE_INDEX].shape[0]} entries for {rows} rows")
@@ -157,7 +164,7 @@ def verify(path: Path) -> list[str]:
             for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
                 shared = cases[a] & cases[b]
                 report.check(not shared, f"splits {a} and {b} share cases: {', '.join(sorted(shared)[:3])}")
-        for name in names:
+        for name in names + neighbours:
             _check_rows(f, name, rows, case_ids, report)
     return report.problems
 

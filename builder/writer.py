@@ -16,7 +16,8 @@ import hdf5plugin
 import numpy as np
 
 from builder.extract import CaseRows
-from builder.format import BACKGROUND, CASE_ID, DATA_ID, MODALITIES, SEG, SLICE_INDEX, SPLIT_GROUP
+from builder.format import BACKGROUND, CASE_ID, CONTEXT_GROUP, DATA_ID, MODALITIES, SEG, SLICE_INDEX, SPLIT_GROUP
+from builder.processes import process_alive
 
 #: The row datasets' compression, by name: what it is, the h5py filter arguments, and what a reader needs.
 #: blosc-lz4 (default): about 3x smaller than raw int16 and still thousands of random rows/s
@@ -58,15 +59,19 @@ class ArtifactWriter:
     def __enter__(self) -> ArtifactWriter:
         return self
 
-    def create(self, slice_shape: tuple[int, int], dtypes: dict[str, str]) -> None:
-        """Create the row datasets: one per modality plus the seg, chunked one slice per chunk."""
-        for name, dtype in (*((m, dtypes[m]) for m in MODALITIES), (SEG, "u1")):
+    def create(self, slice_shape: tuple[int, int], dtypes: dict[str, str], context: int = 0) -> None:
+        """Create the row datasets: one per modality plus the seg, chunked one slice per chunk; with ``context`` K,
+        also ``/context/<modality>`` with each row's 2K neighbouring slices in one chunk."""
+        rows = [(name, dtypes[name], ()) for name in MODALITIES] + [(SEG, "u1", ())]
+        if context:
+            rows += [(f"{CONTEXT_GROUP}/{name}", dtypes[name], (2 * context,)) for name in MODALITIES]
+        for name, dtype, extra in rows:
             self._datasets[name] = self._file.create_dataset(
                 name,
-                shape=(0, *slice_shape),
-                maxshape=(None, *slice_shape),
+                shape=(0, *extra, *slice_shape),
+                maxshape=(None, *extra, *slice_shape),
                 dtype=np.dtype(dtype),
-                chunks=(1, *slice_shape),
+                chunks=(1, *extra, *slice_shape),
                 fletcher32=True,
                 **COMPRESSIONS[self.compression][1],  # type: ignore[arg-type]
             )
@@ -77,7 +82,7 @@ class ArtifactWriter:
             for name, dataset in self._datasets.items():
                 if dataset.shape[0] < stop:
                     dataset.resize(stop + _GROW, axis=0)
-                dataset[start:stop] = case.seg if name == SEG else case.images[name]
+                dataset[start:stop] = _rows_of(case, name)
         self.case_ids.extend([case.case_id] * len(case.slice_index))
         self.slice_index.extend(case.slice_index.tolist())
         self.background.extend(case.background.tolist())
@@ -124,6 +129,15 @@ class ArtifactWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+def _rows_of(case: CaseRows, name: str) -> np.ndarray:
+    if name == SEG:
+        return case.seg
+    if name.startswith(f"{CONTEXT_GROUP}/"):
+        assert case.context is not None
+        return case.context[name.split("/", 1)[1]]
+    return case.images[name]
+
+
 @contextmanager
 def _failed_writes_as_oserror() -> Iterator[None]:
     """h5py reports some failed writes (a full disk while flushing or closing) as RuntimeError: make every failed
@@ -140,17 +154,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
         pid = path.name[len(out.name) + 2 : -len(".partial")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True

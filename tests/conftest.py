@@ -1,4 +1,7 @@
-"""Shared fixtures: a handful of synthetic BraTS cases and the artifact built from them (made once per run)."""
+"""Shared fixtures, made once per test session: a handful of synthetic BraTS cases in the exact release layout and the
+artifact built from them (for the builder's tests, which compare rows with nibabel), and the same cases cut down to a
+box around each tumour, with their artifact and one tiny trained run (for the trainer's tests, whose cost grows with
+every voxel a model sees)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from builder.build import BuildOptions, build
+from builder.extract import SliceRule
 from builder.synth import write_case
 
 N_CASES = 12
@@ -38,6 +42,47 @@ def artifact(cases_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+#: The box the small cases keep around each tumour (x, y, z voxels): small enough to segment in a second.
+SMALL_BOX = (96, 96, 32)
+
+
+def cut_down(case: Path, out: Path) -> Path:
+    """A copy of a case folder with every volume cut to SMALL_BOX around the tumour (affines kept in world space)."""
+    import nibabel as nib
+    import numpy as np
+
+    seg_path = next(p for p in case.iterdir() if p.name.lower().split(".")[0].endswith("seg"))
+    seg = np.asanyarray(nib.load(seg_path).dataobj)
+    centre = np.round(np.argwhere(seg > 0).mean(0)).astype(int)
+    box = tuple(slice(max(0, min(c - n // 2, s - n)), max(0, min(c - n // 2, s - n)) + n)
+                for c, n, s in zip(centre, SMALL_BOX, seg.shape))
+    target = out / case.name
+    target.mkdir(parents=True)
+    for path in case.iterdir():
+        image = nib.load(path)
+        nib.save(image.slicer[box], target / path.name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def small_cases(cases_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``cases_dir`` cut down to SMALL_BOX around each tumour, same names and dtypes (read-only for tests)."""
+    from joblib import Parallel, delayed
+
+    out = tmp_path_factory.mktemp("small") / "TrainingData"
+    Parallel(n_jobs=2)(delayed(cut_down)(case, out) for case in sorted(cases_dir.iterdir()))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_artifact(small_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The artifact of ``small_cases`` with a 50/25/25 split and one neighbouring slice on each side of every row."""
+    out = tmp_path_factory.mktemp("small_artifact") / "small.h5"
+    build(small_cases, out, BuildOptions(jobs=2, val_fraction=0.25, test_fraction=0.25, progress=False,
+                                         rule=SliceRule(context=1)))
+    return out
+
+
 @pytest.fixture
 def case_copy(cases_dir: Path, tmp_path: Path):
     """Copy some cases into a fresh folder, so a test may break them."""
@@ -52,15 +97,16 @@ def case_copy(cases_dir: Path, tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def small_run(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A two-step early-fusion run on ``artifact``: a real checkpoint to predict and evaluate with."""
+def small_run(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-step early-fusion run on ``small_artifact``: a real checkpoint to predict and evaluate with (tests that
+    only read it share it; copy it before changing it)."""
     from click.testing import CliRunner
 
     from trainer.cli import main
 
     out = tmp_path_factory.mktemp("runs")
-    result = CliRunner().invoke(main, ["fit", str(artifact), "-m", "all", "--out", str(out), *FAST, "--epochs", "1",
-                                       "--max-steps", "2"], catch_exceptions=False)
+    result = CliRunner().invoke(main, ["fit", str(small_artifact), "-m", "all", "--out", str(out), *FAST, "--epochs",
+                                       "1", "--max-steps", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return next(out.iterdir())
 

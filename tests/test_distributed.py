@@ -39,7 +39,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(artifact: Path, 
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = list(tmp_path.iterdir())
-    for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "curves.png", "samples.png"):
+    for name in ("config.json", "metrics.csv", "best.pt", "curves.png", "samples.png"):
         assert (run / name).is_file(), name
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
     with open(run / "metrics.csv") as handle:
@@ -48,7 +48,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(artifact: Path, 
 
     from trainer.cli import main
 
-    result = CliRunner().invoke(main, ["evaluate", str(run), "--split", "val", "--checkpoint", "last.pt", "--device", "cpu"])
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--split", "val", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     single = json.loads((run / "val_metrics.json").read_text())
     for key in ("loss", "pixel_accuracy", "mean_iou", "mse", "dice_WT", "dice_TC", "dice_ET", "dice_mean"):

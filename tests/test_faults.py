@@ -21,6 +21,7 @@ import torch
 from click.testing import CliRunner
 
 from builder.build import BuildError, BuildOptions, build
+from builder.extract import SliceRule
 from builder.cli import main as build_main
 from trainer import train as train_module
 from trainer.cli import main
@@ -43,29 +44,33 @@ def _partials(folder: Path) -> list[Path]:
 
 # --- a run is bound to its data -------------------------------------------------------------------------------
 
-def test_rebuilt_file_is_refused_unless_scored_on_purpose(small_run: Path, artifact: Path, cases_dir: Path,
+def test_rebuilt_file_is_refused_unless_scored_on_purpose(small_run: Path, small_artifact: Path, small_cases: Path,
                                                           tmp_path: Path) -> None:
     moved = tmp_path / "moved.h5"
-    shutil.copy(artifact, moved)  # the same build, moved: accepted
+    shutil.copy(small_artifact, moved)  # the same build, moved: accepted
     assert _trainer("evaluate", small_run, "--data", moved, "--device", "cpu").exit_code == 0
     rebuilt = tmp_path / "rebuilt.h5"
-    build(cases_dir, rebuilt, BuildOptions(jobs=1, seed=5, val_fraction=0.25, test_fraction=0.25, progress=False))
+    build(small_cases, rebuilt, BuildOptions(jobs=1, seed=5, val_fraction=0.25, test_fraction=0.25, progress=False,
+                                             rule=SliceRule(context=1)))
     line = one_error_line(_trainer("evaluate", small_run, "--data", rebuilt, "--device", "cpu"))
     assert "not the file this run trained on" in line and Artifact.open(rebuilt).data_id in line
     assert "--other-data" in line
     scored = _trainer("evaluate", small_run, "--data", rebuilt, "--other-data", "--device", "cpu")
     assert scored.exit_code == 0, scored.output
     assert "on purpose" in json.loads((small_run / "test_metrics.json").read_text())["data_check"]
-    resumed = _trainer("fit", rebuilt, "--resume", small_run, *FAST)
+    killed = tmp_path / "killed"  # a run killed before its first checkpoint: its options alone
+    killed.mkdir()
+    shutil.copy(small_run / "config.json", killed)
+    resumed = _trainer("fit", rebuilt, "--resume", killed)
     assert "not the file this run trained on" in one_error_line(resumed)
 
 
-def test_file_replaced_during_fit_is_detected_not_read(artifact: Path, cases_dir: Path, tmp_path: Path,
+def test_file_replaced_during_fit_is_detected_not_read(small_artifact: Path, small_cases: Path, tmp_path: Path,
                                                        monkeypatch) -> None:
     data = tmp_path / "data.h5"
-    shutil.copy(artifact, data)
+    shutil.copy(small_artifact, data)
     other = tmp_path / "other.h5"
-    build(cases_dir, other, BuildOptions(jobs=1, seed=9, val_fraction=0.25, test_fraction=0.25, progress=False))
+    build(small_cases, other, BuildOptions(jobs=1, seed=9, val_fraction=0.25, test_fraction=0.25, progress=False))
     real_add = train_module.History.add
 
     def add_then_rebuild(self, row):  # a colleague rebuilds the file while epoch 1 is being logged
@@ -151,10 +156,11 @@ def test_crafted_checkpoints_are_refused_inone_error_line(small_run: Path, tmp_p
         assert words in line and name in line
 
 
-def test_non_finite_loss_stops_and_never_becomes_best(artifact: Path, tmp_path: Path) -> None:
-    assert "--lr inf" in one_error_line(_trainer("fit", artifact, "-m", "t1n", "--out", tmp_path, *FAST, "--lr", "inf"))
+def test_non_finite_loss_stops_and_never_becomes_best(small_artifact: Path, tmp_path: Path) -> None:
+    assert "--lr inf" in one_error_line(_trainer("fit", small_artifact, "-m", "t1n", "--out", tmp_path, *FAST, "--lr",
+                                                 "inf"))
     out = tmp_path / "runs"
-    result = _trainer("fit", artifact, "-m", "t1n", "--out", out, *FAST, "--lr", "1e30", "--clip-grad", "0",
+    result = _trainer("fit", small_artifact, "-m", "t1n", "--out", out, *FAST, "--lr", "1e30", "--clip-grad", "0",
                       "--warmup-epochs", "0", "--epochs", "3")
     assert "no longer finite" in one_error_line(result)
     (run,) = out.iterdir()
@@ -176,12 +182,10 @@ def test_full_disk_while_building_leaves_nothing(cases_dir: Path, tmp_path: Path
 
 
 def _every_slice():
-    from builder.extract import SliceRule
-
     return SliceRule(per_case=None)
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(artifact: Path, tmp_path: Path, monkeypatch) -> None:
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(small_artifact: Path, tmp_path: Path, monkeypatch) -> None:
     real_add = train_module.History.add
 
     def killed_in_second_epoch(self, row):
@@ -191,34 +195,34 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(artifact: Path, tm
 
     monkeypatch.setattr(train_module.History, "add", killed_in_second_epoch)
     out = tmp_path / "runs"
-    assert _trainer("fit", artifact, "-m", "t1n", "--out", out, *FAST, "--epochs", "2").exit_code == 1
+    assert _trainer("fit", small_artifact, "-m", "t1n", "--out", out, *FAST, "--epochs", "2").exit_code == 1
     monkeypatch.undo()
     (run,) = out.iterdir()
     before = (run / "last.pt").read_bytes()
     with file_size_limit((run / "best.pt").stat().st_size + 1000):  # best.pt fits, last.pt (optimiser state) not
-        result = _trainer("fit", artifact, "--resume", run)
+        result = _trainer("fit", small_artifact, "--resume", run, "--epochs", "3")  # epoch 2 is not the last
     line = one_error_line(result)
     assert "last.pt: could not be written" in line and "nothing partial" in line
     assert (run / "last.pt").read_bytes() == before and _partials(run) == []
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 0  # still resumable
 
 
-def test_full_disk_while_predicting_leaves_no_partial_mask(small_run: Path, cases_dir: Path, tmp_path: Path) -> None:
+def test_full_disk_while_predicting_leaves_no_partial_mask(small_run: Path, small_cases: Path, tmp_path: Path) -> None:
     out = tmp_path / "masks"
     out.mkdir()
-    case = sorted(cases_dir.iterdir())[0]
+    case = sorted(small_cases.iterdir())[0]
     with file_size_limit(1_000):
         result = _trainer("predict", small_run, case, "--out", out, "--device", "cpu", "--no-clean-up")
     line = one_error_line(result)
-    assert f"{case.name}-seg.nii.gz: could not be written" in line
+    assert f"{case.name}.nii.gz: could not be written" in line
     assert list(out.iterdir()) == []
 
 
-def test_read_only_output_is_blamed_on_the_output(small_run: Path, cases_dir: Path, tmp_path: Path) -> None:
+def test_read_only_output_is_blamed_on_the_output(small_run: Path, small_cases: Path, tmp_path: Path) -> None:
     out = tmp_path / "readonly"
     out.mkdir()
     out.chmod(0o555)
-    case = sorted(cases_dir.iterdir())[0]
+    case = sorted(small_cases.iterdir())[0]
     code = ("import sys; from trainer.cli import main; "
             f"sys.argv = ['brats-train', 'predict', '{small_run}', '{case}', '--out', '{out}', '--device', 'cpu']; main()")
     done = subprocess.run(unprivileged([sys.executable, "-c", code]), capture_output=True, text=True)

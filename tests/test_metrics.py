@@ -18,7 +18,7 @@ def _logits(pred: list, classes: int = 4) -> torch.Tensor:
 def test_multiclass_by_hand() -> None:
     truth = torch.tensor([[[0, 1], [2, 3]]])
     pred = [[[0, 1], [2, 2]]]
-    m = SegmentationMetrics(4, "multiclass", torch.device("cpu"))
+    m = SegmentationMetrics("multiclass", torch.device("cpu"))
     m.update(_logits(pred), truth, torch.tensor(0.5))
     out = m.compute()
     assert out["pixel_accuracy"] == pytest.approx(3 / 4)
@@ -39,7 +39,7 @@ def test_region_absent_from_both_counts_one_and_false_positive_zero() -> None:
     truth[0, 1, 1] = 2  # slice 0: oedema only; slice 1: no tumour at all
     pred = truth.clone()
     pred[1, 0, 0] = 3  # slice 1 predicts an ET pixel that is not there
-    m = SegmentationMetrics(4, "multiclass", torch.device("cpu"))
+    m = SegmentationMetrics("multiclass", torch.device("cpu"))
     m.update(_logits(pred.tolist()), truth)
     out = m.compute()
     # slice 0: WT 1, TC empty both -> 1, ET empty both -> 1; slice 1: WT 0, TC 0, ET 0 (false positives)
@@ -53,9 +53,9 @@ def test_sums_do_not_depend_on_batching() -> None:
     torch.manual_seed(0)
     logits = torch.randn(6, 4, 8, 8)
     truth = torch.randint(0, 4, (6, 8, 8))
-    whole = SegmentationMetrics(4, "multiclass", torch.device("cpu"))
+    whole = SegmentationMetrics("multiclass", torch.device("cpu"))
     whole.update(logits, truth)
-    parts = SegmentationMetrics(4, "multiclass", torch.device("cpu"))
+    parts = SegmentationMetrics("multiclass", torch.device("cpu"))
     for i in (0, 1, 4):
         j = {0: 1, 1: 4, 4: 6}[i]
         parts.update(logits[i:j], truth[i:j])
@@ -65,7 +65,7 @@ def test_sums_do_not_depend_on_batching() -> None:
 
 def test_binary_task_reports_whole_tumour_only() -> None:
     truth = torch.tensor([[[0, 1], [1, 1]]])
-    m = SegmentationMetrics(2, "binary", torch.device("cpu"))
+    m = SegmentationMetrics("binary", torch.device("cpu"))
     m.update(_logits([[[0, 1], [0, 1]]], 2), truth)
     out = m.compute()
     assert out["dice_WT"] == pytest.approx(2 * 2 / (3 + 2))

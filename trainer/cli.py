@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
+from builder import __version__
 from builder.format import MODALITIES, MODALITY_ALIASES, REGIONS
-from trainer.config import CACHES, LOSSES, SCHEDULES, TASKS, FitConfig
+from trainer.config import CACHES, LOSSES, MAX_FOLDS, SCHEDULES, FitConfig, FitError
+from trainer.tasks import TASKS
 from trainer.transforms import NORMALISATIONS
 
 MODALITY_CHOICES = (*MODALITIES, *MODALITY_ALIASES, "all")
+#: How predicted masks write enhancing tumour (kept here so that `--help` needs no nibabel).
+LABEL_CONVENTIONS = ("auto", "brats2023", "brats2021")
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,6 +55,7 @@ def _last_line(error: BaseException) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="brats-train (brats2d)")
 def main() -> None:
     """Train 2D BraTS segmentation models that stream from a brats2d HDF5 file (datasets/FORMAT.md)."""
 
@@ -62,7 +69,9 @@ def fit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--encoder-weights", default="imagenet", show_default=True,
                      help="Pretrained encoder weights: imagenet (downloaded once) or none."),
         click.option("--task", type=click.Choice(TASKS), default="multiclass", show_default=True,
-                     help="multiclass: background/NCR/ED/ET; binary: whole tumour vs background."),
+                     help="multiclass: a softmax over background/NCR/ED/ET; binary: whole tumour vs background; "
+                          "regions: three sigmoids WT/TC/ET with Dice + BCE on each (nnU-Net's region-based BraTS "
+                          "training), labels drawn so that ET lies in TC in WT."),
         click.option("--loss", type=click.Choice(LOSSES), default="ce+dice", show_default=True),
         click.option("--norm", type=click.Choice(NORMALISATIONS), default="zscore", show_default=True,
                      help="Per-slice intensity normalisation over brain pixels (zscore) or max-scaling (minmax)."),
@@ -89,47 +98,146 @@ def fit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--patience", default=5, show_default=True, type=click.IntRange(1), help="Early stopping patience, epochs."),
         click.option("--cache", type=click.Choice(CACHES), default="auto", show_default=True,
                      help="stream rows from the file, hold the splits on the device, or choose by free GPU memory."),
+        click.option("--keep-last", is_flag=True,
+                     help="Keep the resume state (last.pt, with the optimiser: about 3x best.pt) when the run ends, "
+                          "so that `--resume RUN --epochs N` can extend it; a killed run always keeps it."),
+        click.option("--quiet", is_flag=True, help="Print only the run folder; everything the run says goes to RUN/log.txt "
+                                                   "(as it always does)."),
+        click.option("--tensorboard", is_flag=True,
+                     help="Also write every epoch's metrics and the sample picture for TensorBoard (RUN/tensorboard; "
+                          "pip install 'brats2d[tensorboard]'): tensorboard --logdir runs"),
+        click.option("--context", default=0, show_default=True, type=click.IntRange(0),
+                     help="Feed each slice with its K neighbouring slices on each side as extra channels (2.5D); the "
+                          "file must hold at least K (`brats-build build --context K`)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
+def config_values(options: dict[str, Any]) -> dict[str, Any]:
+    """Command-line options as FitConfig fields (absolute paths, --clip-grad 0 as none)."""
+    values = dict(options)
+    if "compile_model" in values:
+        values["compile"] = values.pop("compile_model")
+    if "clip_grad" in values:
+        values["clip_grad"] = values["clip_grad"] or None
+    for path in ("data", "out"):
+        if values.get(path) is not None:
+            values[path] = str(Path(values[path]).resolve())
+    return values
+
+
 def make_config(data: Path, modality: str, out: Path, **options: Any) -> FitConfig:
-    options["compile"] = options.pop("compile_model")
-    options["clip_grad"] = options["clip_grad"] or None
-    return FitConfig(data=str(data), modality=modality, out=str(out), **options)
+    return FitConfig(**config_values({"data": data, "modality": modality, "out": out, **options}))
+
+
+#: Options a resumed run may take anew: how long it trains (extending it), and where it runs.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "workers", "cache", "keep_last", "quiet", "tensorboard")
+
+
+def _given(names: list[str]) -> list[str]:
+    """Which of these parameters the user typed (as opposed to their defaults)."""
+    context = click.get_current_context()
+    return [n for n in names if context.get_parameter_source(n) in (ParameterSource.COMMANDLINE,
+                                                                    ParameterSource.ENVIRONMENT)]
+
+
+def resume_config(run_dir: Path, data: Path | None, options: dict[str, Any]) -> FitConfig:
+    """The resumed run's configuration: as saved, on DATA if given (the file may have moved; checked by identity),
+    with --epochs / --max-steps (extending it) and where it runs taken anew; any other option given that would change
+    the run is refused in one line naming it."""
+    from trainer.runs import resume_point
+
+    saved, _ = resume_point(run_dir)
+    config = FitConfig.from_dict({**saved, "data": str(Path(data or saved["data"]).resolve())}, str(run_dir))
+    given = config_values({name: options[name] for name in _given(list(options))})
+    asked = dataclasses.replace(config, **given)
+    for name in given:
+        if name not in RESUME_MAY_CHANGE and getattr(asked, name) != getattr(config, name):
+            flag = name.replace("_", "-")
+            raise FitError(f"--{flag} {options.get(name, getattr(asked, name))}: {run_dir} was trained with "
+                           f"{flag} {getattr(config, name)}, and resuming continues it as it was (only "
+                           f"{', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE)} may change); start a "
+                           f"new run to change it: brats-train fit --config {run_dir / 'config.json'} --{flag} ...")
+    return asked
+
+
+def config_from_file(path: Path, data: Path | None, options: dict[str, Any]) -> FitConfig:
+    """A new run with the options of a saved config.json, on DATA if given (else the file it names), the options
+    given here overriding the file's."""
+    from trainer.runs import read_config
+
+    saved = read_config(path)
+    keep = {k: v for k, v in saved.items() if k not in ("axis_codes", "voxel_size", "slice_shape", "plane",
+                                                        "slice_axis", "data_sha256", "data_id")}  # bound anew
+    config = FitConfig.from_dict({**keep, "data": str(Path(data or saved["data"]).resolve())}, str(path))
+    return dataclasses.replace(config, **config_values({name: options[name] for name in _given(list(options))}))
 
 
 @main.command()
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path), required=False)
 @click.option("--modality", "-m", type=click.Choice(MODALITY_CHOICES, case_sensitive=False), required=False,
               default=None, help="t1n, t1c, t2w, t2f (or t1, t1ce/t1gd, t2, flair), or all (early fusion).")
 @fit_options
 @click.option("--out", default=Path("runs"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default=None, help="Run folder prefix (default: the modality).")
+@click.option("--folds", default=None, type=click.IntRange(2, MAX_FOLDS),
+              help="Cross-validation: group the train and val patients into this many folds (stable keyed ranks; "
+                   "the test patients never enter) and train on all but --fold, validating on it.")
+@click.option("--fold", default=None, type=click.IntRange(0), help="With --folds: the fold held out (0 to folds-1).")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Train a new run with the options of this config.json (a run's): the options given here override "
+                   "it, and DATA, if given, replaces the file it names.")
 @click.option("--resume", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Continue the run in this folder from its last.pt, with its saved options (DATA may have moved).")
+              help="Continue the run in this folder (from its last.pt) as it was trained; --epochs N extends a run "
+                   "that finished with --keep-last. DATA may be given if the file moved (held to the run's by its id).")
 @one_line_errors
-def fit(data: Path, modality: str | None, out: Path, name: str | None, resume: Path | None, **options: Any) -> None:
+def fit(data: Path | None, modality: str | None, resume: Path | None, config_file: Path | None,
+        **options: Any) -> None:
     """Train one model on DATA (an .h5 file from brats-build) and leave a run folder under --out."""
-    from trainer.model import read_checkpoint
     from trainer.train import fit as run_fit
 
+    if resume is not None and config_file is not None:
+        raise click.UsageError("--resume continues a run, --config starts a new one from a run's options: give one")
+    if modality is not None:
+        options["modality"] = modality
     if resume is not None:
-        config = FitConfig.from_dict({**read_checkpoint(resume / "last.pt")["config"], "data": str(data)})
+        config = resume_config(resume, data, options)
+    elif config_file is not None:
+        config = config_from_file(config_file, data, options)
     else:
+        if data is None:
+            raise click.UsageError("give DATA (an .h5 file from brats-build), or --config / --resume")
         if modality is None:
             raise click.UsageError("--modality is required (t1n, t1c, t2w, t2f, their aliases, or all)")
-        config = make_config(data, modality, out, name=name, **options)
+        config = make_config(data, **options)
     run_dir = run_fit(config, resume)
     click.echo(f"run folder: {run_dir}")
 
 
 def clean_up_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--clean-up/--no-clean-up", "clean", default=True, show_default=True,
-                        help="Clean whole-volume predictions up: per region (WT, TC, ET), drop components under 30% "
-                             "of the region's largest (trainer/cleanup.py; chosen on held-out real cases).")(command)
+                        help="Clean whole-volume predictions up: the rule chosen for the (lead) run on validation "
+                             "patients if one was (--choose-clean-up), else per region (WT, TC, ET) drop components "
+                             "under 30% of the region's largest (trainer/cleanup.py).")(command)
+
+
+def volume_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of every command that segments whole volumes with a run (or an ensemble led by it)."""
+    options = [
+        click.option("--ensemble", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Average in this run's probabilities too (repeatable; a folder of runs adds all of them): "
+                          "other planes, folds or seeds, each segmenting with its own plane and context. Runs must "
+                          "share the task, modalities, orientation and voxel size."),
+        click.option("--tta/--no-tta", default=False, show_default=True,
+                     help="Test-time mirroring: average each slice's probabilities over its mirror images along both "
+                          "in-plane axes (4 network passes per slice: about 4x the time on a CPU)."),
+        clean_up_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def clean_rule(clean: bool) -> Any:
@@ -164,19 +272,27 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
                    "volume and score it as BraTS 2023 does (lesion-wise Dice and HD95, legacy Dice, HD95, "
                    "sensitivity, specificity).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="With --volumes: score only the first N cases.")
-@clean_up_option
+@volume_options
+@click.option("--choose-clean-up", "choose", is_flag=True,
+              help="With --volumes on the val split: try each clean-up rule of trainer/cleanup.py's FAMILY on these "
+                   "patients, keep the best by mean lesion-wise Dice and store it in the run (clean_up.json), where "
+                   "later evaluate and predict find it. Refused on the test split.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--checkpoint", default="best.pt", show_default=True)
 @one_line_errors
 def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: bool, volumes_dir: Path | None,
-                     limit: int | None, clean: bool, device: str, checkpoint: str) -> None:
-    """Evaluate a run's checkpoint on a split.
+                     limit: int | None, ensemble: tuple[Path, ...], tta: bool, clean: bool, choose: bool, device: str,
+                     checkpoint: str) -> None:
+    """Evaluate a run's checkpoint on a split (a fold run's val split is its held-out fold).
 
     Per slice on the artifact's rows: <split>_metrics.json and <split>_cases.csv. With --volumes, per patient on
-    whole volumes: <split>_volumes.csv (a row per case) and <split>_volumes.json (means with 95% intervals).
+    whole volumes (with --ensemble runs averaged in, --tta mirrored): <split>_volumes.csv (a row per case) and
+    <split>_volumes.json (means with 95% intervals), marked _ensemble / _tta when they apply.
     """
     from trainer.evaluate import evaluate_run, evaluate_volumes
 
+    if volumes_dir is None and (ensemble or tta or choose):
+        raise click.UsageError("--ensemble, --tta and --choose-clean-up segment whole volumes: give --volumes DIR")
     if volumes_dir is None:
         result = evaluate_run(run_dir, split, data, device, checkpoint, other_data=other_data)
         shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
@@ -184,14 +300,15 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
                    f"{result['data_check']}): {shown}")
         click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")
         return
-    report = evaluate_volumes(run_dir, volumes_dir, split, data, device, checkpoint, clean_rule(clean), limit,
-                              other_data)
+    report = evaluate_volumes(run_dir, volumes_dir, split, data, device, checkpoint, clean, limit, other_data,
+                              ensemble, tta, choose)
     for line in report["skipped"]:
         click.echo(f"skipped {line['case_id']}: {line['reason']}")
     subset = f", {report['subset']}" if report["subset"] else ""
+    click.echo(f"models: {report['models']}; {report['clean_up_note']}")
     click.echo(f"{run_dir} on {report['cases_scored']} whole {split} volumes{subset} (data: {report['data_check']}): "
                f"{format_scores(report['metrics'])}")
-    click.echo(f"wrote {run_dir / f'{split}_volumes.csv'} and {run_dir / f'{split}_volumes.json'}")
+    click.echo(f"wrote {' and '.join(report['outputs'])}")
     if report["skipped"]:
         raise SystemExit(1)
 
@@ -207,43 +324,78 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
                    "differences from the best.")
 @click.option("--volume-cases", default=None, type=click.IntRange(1),
               help="With --volumes: score only the first N test cases (said in the table).")
+@click.option("--tta/--no-tta", default=False, show_default=True,
+              help="With --volumes: test-time mirroring along both in-plane axes (4 passes per slice).")
 @clean_up_option
 @one_line_errors
-def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume_cases: int | None, clean: bool,
-            **options: Any) -> None:
+def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume_cases: int | None, tta: bool,
+            clean: bool, **options: Any) -> None:
     """Train t1n, t1c, t2w, t2f and all four (early fusion) alike, fuse the four late (vote and mean),
     and score all seven on the test split: comparison.md/.csv/.png/.gif in --out (with --volumes, also
     comparison_volumes.csv/.json, the whole-volume scores per patient)."""
     from trainer.compare import compare as run_compare
 
     run_compare(make_config(data, "all", out, **options), out, reuse, volumes_dir=volumes_dir, volume_cases=volume_cases,
-                rule=clean_rule(clean))
+                rule=clean_rule(clean), tta=tta)
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("case_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for <case>-seg.nii.gz.")
-@clean_up_option
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <case-id>.nii.gz (and <case-id>.npz with --save-probabilities).")
+@volume_options
+@click.option("--labels", "convention", type=click.Choice(LABEL_CONVENTIONS), default="auto", show_default=True,
+              help="How enhancing tumour is written: auto = as the input's naming expects (4 for 2018-2021 names such "
+                   "as BraTS2021_00000, 3 for the 2023 family); brats2023 = always 3; brats2021 = always 4.")
+@click.option("--save-probabilities", is_flag=True,
+              help="Also write <case-id>.npz: float16 probabilities (outputs, X, Y, Z) in the input's voxel order, "
+                   "their names and the affine.")
+@click.option("--overwrite", is_flag=True, help="Predict cases whose output already exists again (default: skip them).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--checkpoint", default="best.pt", show_default=True)
 @one_line_errors
-def predict(run_dir: Path, case_dirs: tuple[Path, ...], out: Path, clean: bool, device: str, checkpoint: str) -> None:
-    """Segment every brain slice of new cases (CASE_DIRS: BraTS case folders) with the model in RUN_DIR.
+def predict(run_dir: Path, inputs: tuple[Path, ...], out: Path, ensemble: tuple[Path, ...], tta: bool, clean: bool,
+            convention: str, save_probabilities: bool, overwrite: bool, device: str, checkpoint: str) -> None:
+    """Segment every brain slice of new cases with the model in RUN_DIR (or an ensemble it leads).
 
-    Volumes in another orientation are reoriented for the model (nibabel) and the mask is written in the input's
-    own space: <case>-seg.nii.gz with the source affine and header and BraTS label values (opens in ITK-SNAP or
-    3D Slicer over the images). Cases with a -seg file are also scored as BraTS 2023 scores them
-    (predict_scores.csv). A case that cannot be read or matched is listed and skipped; the others are written.
+    INPUTS are BraTS case folders or folders holding them (every case found, as `brats-build build` finds them).
+    Volumes in another orientation are reoriented for the model (nibabel) and each mask is written in the input's
+    own space as <case-id>.nii.gz (never the ground truth's -seg name) with the source affine and header; it opens
+    in ITK-SNAP or 3D Slicer over the images. Cases with a seg file are also scored as BraTS 2023 scores them
+    (predict_scores.csv). Cases already written are skipped unless --overwrite; a case that cannot be read or
+    matched is listed and skipped, the others are written.
     """
     from trainer.predict import predict_cases
 
-    reports, skipped = predict_cases(run_dir, list(case_dirs), out, device, checkpoint, clean_rule(clean))
+    reports, skipped, segmenter = predict_cases(run_dir, list(inputs), out, device, checkpoint, clean,
+                                                ensemble=ensemble, tta=tta, labels=convention,
+                                                save_probabilities=save_probabilities, overwrite=overwrite)
+    click.echo(f"models: {segmenter.describe()}; {segmenter.rule_note}")
     for report in reports:
         speed = f"{report['brain_slices']} brain slices at {report['slices_per_second']:.1f} slices/s"
         scores = f"; {format_scores(report)}" if "score_seconds" in report else ""
         click.echo(f"{report['case_id']}: wrote {report['output']} ({speed}){scores}")
     for line in skipped:
         click.echo(f"skipped {line['case_id']}: {line['reason']}")
-    if skipped:
+    if any(line["kind"] == "error" for line in skipped):
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), required=True,
+              help="torchscript: torch.jit, loads with torch alone; onnx: onnxruntime, TensorRT, ... (pip install "
+                   "'brats2d[export]').")
+@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write (default RUN_DIR/model.pt or model.onnx); a JSON sidecar goes beside it.")
+@click.option("--checkpoint", default="best.pt", show_default=True)
+@one_line_errors
+def export(run_dir: Path, fmt: str, out: Path | None, checkpoint: str) -> None:
+    """Export the network of RUN_DIR for other runtimes, with a JSON sidecar naming its input channels (in order),
+    normalisation and outputs. The graph takes normalised (N, C, H, W) slices, H and W multiples of 32, and returns
+    logits; it does not read NIfTI or clean up (use `brats-train predict` for whole volumes)."""
+    from trainer.export import export_model
+
+    written, sidecar = export_model(run_dir, fmt, out, checkpoint)
+    click.echo(f"wrote {written} and {sidecar}")

@@ -12,7 +12,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from builder.format import MODALITIES
 from trainer.cleanup import CleanUp, clean_up
@@ -23,9 +22,10 @@ from trainer.fusion import mean_probabilities, vote
 from trainer.metrics import SegmentationMetrics
 from trainer.model import load_model, read_checkpoint
 from trainer.reports import write_csv, write_json, write_text
-from trainer.statistics import bootstrap_interval, paired_difference
+from trainer.statistics import INTERVAL, MIN_PATIENTS, NO_INTERVAL, bootstrap_interval, paired_difference
+from trainer.tasks import classes, encode, label_classes
 from trainer.train import fit
-from trainer.volumes import Geometry, labels_of, score, segment
+from trainer.volumes import Geometry, labels_of, read_case, score, segment
 
 APPROACHES = (*MODALITIES, "all")
 LABELS = {"t1n": "T1 native", "t1c": "T1 contrast", "t2w": "T2", "t2f": "FLAIR", "all": "early fusion (4 channels)",
@@ -39,7 +39,7 @@ class Outcome:
     """One approach's test predictions and scores."""
 
     name: str
-    probabilities: torch.Tensor  # (N, C, H, W) float16 on the CPU
+    probabilities: torch.Tensor  # (N, outputs, H, W) float16 on the CPU (``trainer.tasks``)
     metrics: dict[str, float]
     cases: list[dict]
     parameters: int | None = None
@@ -76,7 +76,7 @@ def _predict(run_dir: Path, artifact: Artifact, rows: np.ndarray, device: torch.
 
 def _score_fused(name: str, probabilities: torch.Tensor, targets: torch.Tensor, rows: np.ndarray,
                  config: FitConfig, artifact: Artifact) -> Outcome:
-    metrics = SegmentationMetrics(config.classes, config.task, torch.device("cpu"), keep_per_slice=True)
+    metrics = SegmentationMetrics(config.task, torch.device("cpu"), keep_per_slice=True)
     for start in range(0, len(rows), 16):
         stop = start + 16
         metrics.update_probabilities(probabilities[start:stop], targets[start:stop], None,
@@ -93,7 +93,7 @@ def _run_summary(run_dir: Path) -> tuple[float, float]:
 
 
 def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, volumes_dir: Path | None = None,
-            volume_cases: int | None = None, rule: CleanUp | None = None) -> Path:
+            volume_cases: int | None = None, rule: CleanUp | None = None, tta: bool = False) -> Path:
     """Train, fuse, score; writes comparison.{csv,md,png,gif} and comparison_cases.csv in ``out`` (and, with
     ``volumes_dir``, comparison_volumes.{csv,json} with a whole-volume table in comparison.md)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -114,22 +114,22 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, v
         outcomes[approach] = Outcome(approach, probabilities, metrics.compute(), per_case(metrics.per_slice or [], artifact),
                                      sum(p.numel() for p in model.parameters()), seconds, best_val)
     assert config is not None
-    targets = torch.from_numpy(seg).long() if config.task == "multiclass" else torch.from_numpy(seg > 0).long()
+    targets = torch.from_numpy(seg > 0 if config.task == "binary" else seg).long()
     singles = [outcomes[m] for m in MODALITIES]
     best = int(np.argmax([o.best_val_dice for o in singles]))
-    labels = [o.probabilities.float().argmax(1) for o in singles]
-    voted = F.one_hot(vote(labels, best, config.classes), config.classes).permute(0, 3, 1, 2).float()
+    labels = [classes(o.probabilities.float(), config.task) for o in singles]
+    voted = encode(vote(labels, best, label_classes(config.task)), config.task)
     outcomes["vote"] = _score_fused("vote", voted, targets, rows, config, artifact)
     outcomes["mean"] = _score_fused("mean", mean_probabilities([o.probabilities for o in singles]), targets, rows,
                                     config, artifact)
     table = _write_tables(outcomes, out, MODALITIES[best], len(rows))
     if volumes_dir is not None:
         models = {approach: load_model(run_dir / "best.pt", device)[0] for approach, run_dir in runs.items()}
-        table += "\n" + compare_volumes(models, config, artifact, volumes_dir, best, device, out, volume_cases, rule)
+        table += "\n" + compare_volumes(models, config, artifact, volumes_dir, best, device, out, volume_cases, rule, tta)
     write_text(out / "comparison.md", table)
     from trainer.plots import plot_comparison
 
-    plot_comparison(artifact, rows, seg, {k: o.probabilities for k, o in outcomes.items()}, config.task, out)
+    plot_comparison(artifact, rows, seg, {k: o.probabilities for k, o in outcomes.items()}, config.task, out, LABELS)
     print(table)
     print(f"compared {len(outcomes)} approaches in {time.perf_counter() - started:.0f} s: {out / 'comparison.md'}")
     return out / "comparison.md"
@@ -141,8 +141,13 @@ def _write_tables(outcomes: dict[str, Outcome], out: Path, best_single: str, sli
     for name, o in outcomes.items():
         case_means = np.array([np.mean([c[k] for k in c if k.startswith("dice_")]) for c in o.cases])
         low, high = bootstrap_interval(case_means)
-        records.append({"approach": name, "description": LABELS[name], **{c: o.metrics.get(c, float("nan")) for c in columns},
-                        "dice_mean_ci_low": low, "dice_mean_ci_high": high, "parameters": o.parameters or "",
+        fused = name in ("vote", "mean")
+        records.append({"approach": name, "description": LABELS[name],
+                        **{c: (None if fused and c == "loss" else o.metrics.get(c)) for c in columns},
+                        **({"loss_note": "a vote has no loss; the mean of softmax maps minimised none"} if fused else {}),
+                        "dice_mean_ci_low": low, "dice_mean_ci_high": high,
+                        "dice_mean_interval": INTERVAL if low is not None else NO_INTERVAL,
+                        "parameters": o.parameters or "",
                         "train_seconds": round(o.train_seconds, 1) if o.train_seconds is not None else ""})
     write_csv(out / "comparison.csv", records)
     write_csv(out / "comparison_cases.csv", [{"approach": name, **case} for name, o in outcomes.items() for case in o.cases])
@@ -153,52 +158,57 @@ def _write_tables(outcomes: dict[str, Outcome], out: Path, best_single: str, sli
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        loss = "" if np.isnan(r["loss"]) else f"{r['loss']:.3f}"
-        dice = {k: ("" if np.isnan(r[k]) else f"{r[k]:.3f}") for k in ("dice_WT", "dice_TC", "dice_ET")}
+        loss = "" if r["loss"] is None else f"{r['loss']:.3f}"
+        dice = {k: ("" if r.get(k) is None else f"{r[k]:.3f}") for k in ("dice_WT", "dice_TC", "dice_ET")}
         params = f"{r['parameters'] / 1e6:.1f} M" if r["parameters"] else ""
+        interval = ("" if r["dice_mean_ci_low"] is None
+                    else f" [{r['dice_mean_ci_low']:.3f}, {r['dice_mean_ci_high']:.3f}]")
         lines.append(
             f"| {r['description']} | {loss} | {r['pixel_accuracy']:.4f} | {r['mean_iou']:.3f} | {r['mse']:.4f} | "
             f"{dice['dice_WT']} | {dice['dice_TC']} | {dice['dice_ET']} | "
-            f"{r['dice_mean']:.3f} [{r['dice_mean_ci_low']:.3f}, {r['dice_mean_ci_high']:.3f}] | {params} | {r['train_seconds']} |"
+            f"{r['dice_mean']:.3f}{interval} | {params} | {r['train_seconds']} |"
         )
     lines += [
         "",
         f"Late fusion by vote: the four single-modality models vote per pixel; {LABELS[best_single]} (best validation "
         "mean Dice) counts twice and wins ties. Late fusion by mean: argmax of the mean of the four softmax maps.",
         "Dice is per slice, averaged over slices (a region absent from both prediction and truth scores 1); the "
-        "interval is a 95% bootstrap over test cases. These 2D per-slice scores are not comparable to the "
-        "BraTS 2023 leaderboard's lesion-wise 3D Dice.",
+        f"interval is a {INTERVAL.replace('patients', 'test cases')} (none below {MIN_PATIENTS} cases). These 2D "
+        "per-slice scores are not comparable to the BraTS 2023 leaderboard's lesion-wise 3D Dice.",
     ]
     write_json(out / "comparison.json", records)
     return "\n".join(lines) + "\n"
 
 
 def _approach_volumes(models: dict[str, torch.nn.Module], config: FitConfig, images: np.ndarray,
-                      device: torch.device, best: int) -> dict[str, np.ndarray]:
+                      device: torch.device, best: int, tta: bool) -> dict[str, np.ndarray]:
     """Labels of all seven approaches for one case: five models, then vote and mean fused voxel by voxel."""
     probabilities, labels = {}, {}
     for approach, model in models.items():
         channels = list(MODALITIES) if approach == "all" else [approach]
         single = replace(config, modality=approach)
         picked = images[[MODALITIES.index(c) for c in channels]]
-        probabilities[approach] = segment(model, single, picked, device, progress=False).probabilities
-        labels[approach] = labels_of(probabilities[approach].argmax(0), config.task)
-    singles = [torch.from_numpy(probabilities[m].argmax(0)) for m in MODALITIES]
-    labels["vote"] = labels_of(vote(singles, best, config.classes).numpy(), config.task)
+        probabilities[approach] = segment(model, single, picked, device, progress=False, tta=tta).probabilities
+        labels[approach] = labels_of(probabilities[approach], config.task)
+    singles = [classes(torch.from_numpy(probabilities[m])[None], config.task)[0] for m in MODALITIES]
+    voted = vote(singles, best, label_classes(config.task))
+    labels["vote"] = labels_of(encode(voted[None], config.task)[0].numpy(), config.task)
     mean = mean_probabilities([torch.from_numpy(probabilities[m]) for m in MODALITIES])
-    labels["mean"] = labels_of(mean.argmax(0).numpy(), config.task)
+    labels["mean"] = labels_of(mean.numpy(), config.task)
     return labels
 
 
 def compare_volumes(models: dict[str, torch.nn.Module], config: FitConfig, artifact: Artifact, volumes_dir: Path,
-                    best: int, device: torch.device, out: Path, limit: int | None, rule: CleanUp | None) -> str:
+                    best: int, device: torch.device, out: Path, limit: int | None, rule: CleanUp | None,
+                    tta: bool = False) -> str:
     """Score every approach on whole test volumes; write comparison_volumes.{csv,json}; return a Markdown table."""
     wanted = artifact.cases_of("test")
     chosen = wanted[:limit] if limit else wanted
     cases, skipped = cases_for(volumes_dir, chosen)
     results = {name: VolumeResults() for name in LABELS}
-    for volumes in scorable(cases, MODALITIES, Geometry.of(config), skipped, "test volumes"):
-        for name, labels in _approach_volumes(models, config, volumes.images, device, best).items():
+    geometry = Geometry.of(config)
+    for volumes in scorable(cases, lambda case: read_case(case, MODALITIES, geometry), skipped, "test volumes"):
+        for name, labels in _approach_volumes(models, config, volumes.images, device, best, tta).items():
             cleaned = labels if rule is None else clean_up(labels, rule)
             results[name].rows.append({"case_id": volumes.case_id, **score(cleaned, volumes, config.task)})
     if not any(r.rows for r in results.values()):
@@ -214,7 +224,8 @@ def compare_volumes(models: dict[str, torch.nn.Module], config: FitConfig, artif
     write_csv(out / "comparison_volumes.csv", [{"approach": name, **row} for name, res in results.items() for row in res.rows])
     subset = f"the first {len(chosen)} of {len(wanted)} test cases" if len(chosen) < len(wanted) else f"all {len(wanted)} test cases"
     write_json(out / "comparison_volumes.json", {"cases": subset, "cases_scored": len(ids), "skipped": skipped,
-                                                 "clean_up": None if rule is None else vars(rule),
+                                                 "clean_up": None if rule is None else rule.describe(),
+                                                 "test_time_mirroring": tta,
                                                  "definition": VOLUME_DEFINITION, "best": leader, "approaches": summary})
     return _volume_table(summary, regions, leader, subset, len(ids), skipped, rule)
 
@@ -223,6 +234,8 @@ def _volume_table(summary: dict, regions: list[str], leader: str, subset: str, s
                   rule: CleanUp | None) -> str:
     def cell(metrics: dict, key: str, digits: int) -> str:
         m = metrics[key]
+        if m["ci_low"] is None:
+            return f"{m['mean']:.{digits}f}"
         return f"{m['mean']:.{digits}f} [{m['ci_low']:.{digits}f}, {m['ci_high']:.{digits}f}]"
 
     header = " | ".join([*(f"lesion-wise Dice {r}" for r in regions), *(f"lesion-wise HD95 {r}" for r in regions),
@@ -234,12 +247,14 @@ def _volume_table(summary: dict, regions: list[str], leader: str, subset: str, s
         m = s["metrics"]
         false = np.mean([m[f"lesion_fp_{r}"]["mean"] for r in regions])
         diff = s[f"{RANKING}_mean_minus_{leader}"]
-        versus = "best" if name == leader else f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
+        interval = "" if diff["ci_low"] is None else f" [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
+        versus = "best" if name == leader else f"{diff['mean']:+.3f}{interval}"
         cells = [*(cell(m, f"lesion_dice_{r}", 3) for r in regions), *(cell(m, f"lesion_hd95_{r}", 1) for r in regions),
                  *(cell(m, f"dice_{r}", 3) for r in regions), f"{false:.1f}", versus]
         lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
-    lines += ["", f"BraTS 2023 scores on whole volumes ({VOLUME_DEFINITION}). Clean-up: "
-              f"{'off' if rule is None else vars(rule)}. The last column is the paired difference in mean lesion-wise "
+    lines += ["", f"Intervals: {INTERVAL}, none below {MIN_PATIENTS} patients ({scored} here)." if scored < MIN_PATIENTS
+              else "", f"BraTS 2023 scores on whole volumes ({VOLUME_DEFINITION}). Clean-up: "
+              f"{'off' if rule is None else rule.describe()}. The last column is the paired difference in mean lesion-wise "
               "Dice (over regions) from the best approach, over the same patients, with a 95% paired-bootstrap interval."]
     lines += [f"Skipped {s['case_id']}: {s['reason']}" for s in skipped]
     return "\n".join(lines) + "\n"

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 
-from builder.format import MODALITIES, canonical_modality
+from builder.format import MAX_CONTEXT, MODALITIES, canonical_modality
+from trainer.tasks import OUTPUTS, TASKS
 from trainer.transforms import NORMALISATIONS
 
 LOSSES = ("ce+dice", "ce", "dice", "focal+dice")
-TASKS = ("multiclass", "binary")
 CACHES = ("auto", "stream", "device")
 SCHEDULES = ("poly", "cosine", "constant")
+MAX_FOLDS = 20
 #: The batch size when none is given: what a CPU gets through in reasonable time, and what fills a GPU.
 DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 64}
 
@@ -52,9 +56,17 @@ class FitConfig:
     seed: int = 0
     patience: int = 5
     cache: str = "auto"
+    context: int = 0  # neighbouring slices on each side fed as extra channels (2.5D); at most the file's
+    folds: int | None = None  # cross-validation: train on the other folds of the train and val patients ...
+    fold: int | None = None  # ... and validate on this one
+    keep_last: bool = False  # keep the resume state (last.pt) when the run ends, to extend it later
+    quiet: bool = False  # print only the run folder (log.txt has everything)
+    tensorboard: bool = False  # also write the metrics for TensorBoard
     out: str = "runs"
     name: str | None = None
     # Filled from the artifact when the run starts, so that a checkpoint alone can segment and name its data:
+    plane: str = "axial"
+    slice_axis: int = 2
     axis_codes: list[str] | None = None
     voxel_size: list[float] | None = None
     slice_shape: list[int] | None = None
@@ -76,6 +88,26 @@ class FitConfig:
             raise ValueError(f"--lr {self.lr}: use a positive finite learning rate, e.g. 1e-3")
         if self.clip_grad is not None and not (0 < self.clip_grad < float("inf")):
             raise ValueError(f"--clip-grad {self.clip_grad}: use a positive finite gradient norm, or none")
+        if not 0 <= self.context <= MAX_CONTEXT:
+            raise ValueError(f"--context {self.context}: use 0 to {MAX_CONTEXT} slices on each side")
+        for name, value, low in (("epochs", self.epochs, 1), ("max-steps", self.max_steps, 1),
+                                 ("batch-size", self.batch_size, 1), ("workers", self.workers, 0),
+                                 ("patience", self.patience, 1), ("warmup-epochs", self.warmup_epochs, 0),
+                                 ("weight-decay", self.weight_decay, 0)):
+            if value is not None and not (low <= value < math.inf):
+                raise ValueError(f"--{name} {value}: use a finite number of at least {low}")
+        if self.slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice axis {self.slice_axis}: a volume has axes 0, 1 and 2")
+        for name, value, length in (("axis codes", self.axis_codes, 3), ("voxel size", self.voxel_size, 3),
+                                    ("slice shape", self.slice_shape, 2)):
+            if value is not None and (len(value) != length or not all(
+                    isinstance(v, str) or 0 < v < math.inf for v in value)):
+                raise ValueError(f"{name} {str(value)[:40]}: expected {length} values (positive sizes)")
+        if (self.folds is None) != (self.fold is None):
+            raise ValueError("--folds and --fold go together: e.g. --folds 5 --fold 0 (folds 0 to 4)")
+        if self.folds is not None and not (2 <= self.folds <= MAX_FOLDS and 0 <= self.fold < self.folds):  # type: ignore[operator]
+            raise ValueError(f"--folds {self.folds} --fold {self.fold}: use 2 to {MAX_FOLDS} folds and a fold from 0 "
+                             f"to {(self.folds or 1) - 1}")
 
     @property
     def channels(self) -> list[str]:
@@ -83,15 +115,65 @@ class FitConfig:
 
     @property
     def classes(self) -> int:
-        return 4 if self.task == "multiclass" else 2
+        """Network outputs: 4 classes (multiclass), 2 (binary) or 3 regions."""
+        return OUTPUTS[self.task]
+
+    @property
+    def in_channels(self) -> int:
+        """Network inputs: each channel's slice and its ``context`` neighbours on each side."""
+        return len(self.channels) * (2 * self.context + 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "channels": self.channels, "classes": self.classes}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FitConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+    def from_dict(cls, values: dict[str, Any], source: str = "configuration") -> FitConfig:
+        """A configuration from saved values (config.json, a checkpoint), each checked by type and range first:
+        ValueError names ``source``, the field and what it should be. Keys it does not know are ignored."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: not a mapping of options; not a brats2d run configuration")
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if name in known and not _matches(value, hints[name]):
+                raise ValueError(f"{source}: {name} is {str(value)[:40]!r}, not {_describe(hints[name])}; the file is "
+                                 "damaged or was edited")
+        missing = [name for name in ("data", "modality") if name not in values]
+        if missing:
+            raise ValueError(f"{source}: no {missing[0]}; not a brats2d run configuration")
+        try:
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a saved ``value`` is of the annotated type (JSON's types: bool is no number, an int is a float)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(hint))
+    if origin is list:
+        return isinstance(value, list) and len(value) <= 16 and all(_matches(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) and len(value) <= 4096
+    return False
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return {type(None): "none", bool: "true/false", int: "a whole number", float: "a number", str: "text"}.get(hint, "?")
 
 
 def resolve_device(name: str) -> torch.device:

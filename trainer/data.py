@@ -7,6 +7,7 @@ conversion to float and normalisation happen on the device (``trainer.transforms
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from builder.format import (
     BACKGROUND,
     CASE_ID,
+    CONTEXT_GROUP,
     DATA_ID,
     DEFAULT_AXIS_CODES,
     DEFAULT_VOXEL_SIZE,
@@ -36,6 +38,8 @@ from builder.format import (
     file_sha256,
     split_problem,
 )
+from builder.layout import patient_of
+from builder.split import fold_of
 
 #: Stored dtypes torch cannot hold are widened in the worker; the rest travel as stored.
 _TORCH_UNSUPPORTED = {np.dtype("uint16"), np.dtype("uint32"), np.dtype("uint64")}
@@ -47,7 +51,8 @@ class ArtifactError(Exception):
 
 #: The root attributes the trainer reads (others, such as the list of skipped cases, are never decoded).
 _ATTRIBUTES = ("format_version", "modalities", "axis_codes", "voxel_size", DATA_ID, "builder_version", "created",
-               "seed", "source", "slice_rule", "cases_written", "background_slices", "split_unit", "compression")
+               "seed", "source", "slice_rule", "cases_written", "background_slices", "split_unit", "compression",
+               "plane", "slice_axis", "context")
 
 FileStamp = tuple[int, int, int, int]
 
@@ -85,6 +90,9 @@ class Artifact:
     provenance: dict[str, object] = field(default_factory=dict)
     data_id: str | None = None  # the identity fixed at build time (format v3); None in older files
     stamp: FileStamp = (0, 0, 0, 0)
+    plane: str = "axial"  # the plane rows were sliced in, along ``slice_axis`` of the volumes (v4; axial before)
+    slice_axis: int = 2
+    context: int = 0  # neighbouring slices stored on each side of every row (v4; none before)
 
     @classmethod
     def open(cls, path: Path | str) -> Artifact:
@@ -118,6 +126,11 @@ class Artifact:
             if missing:
                 raise ArtifactError(f"{path}: no /{', /'.join(missing)}; not a complete brats2d artifact, rebuild it")
             rows = f[SEG].shape[0]
+            context = int(provenance.get("context") or 0)
+            lacking = [m for m in provenance.get("modalities", []) if context and f"{CONTEXT_GROUP}/{m}" not in f]
+            if lacking:
+                raise ArtifactError(f"{path}: context {context} but no /{CONTEXT_GROUP}/{lacking[0]}; not a complete "
+                                    "brats2d artifact, rebuild it")
             splits = {name: f[SPLIT_GROUP][name][()] for name in SPLITS}
             problem = split_problem(splits, rows)
             if problem:
@@ -136,6 +149,9 @@ class Artifact:
                 provenance=provenance,
                 data_id=provenance.get(DATA_ID),  # type: ignore[arg-type]
                 stamp=stamp,
+                plane=str(provenance.get("plane", "axial")),
+                slice_axis=int(provenance.get("slice_axis", 2)),  # type: ignore[arg-type]
+                context=context,
             )
 
     def check_unchanged(self) -> None:
@@ -170,6 +186,21 @@ class Artifact:
                             "splits may hold training cases; use the run's file, or --other-data to score this one "
                             "on purpose")
 
+    def with_folds(self, folds: int, fold: int) -> Artifact:
+        """This file seen by cross-validation fold ``fold`` of ``folds``: the train and val patients are pooled and
+        grouped into folds by their keyed rank (``builder.split.fold_of``: stable when cases are added); the fold's
+        patients become the val split (held out), the others the train split; the test patients never enter."""
+        pool = np.union1d(self.splits["train"], self.splits["val"])
+        seed = int(self.provenance.get("seed") or 0)  # type: ignore[call-overload]
+        assigned = np.array([fold_of(patient_of(str(self.case_ids[row])), seed, folds) for row in pool], dtype=int)
+        held = pool[assigned == fold]
+        if held.size == 0 or held.size == pool.size:
+            patients = len({patient_of(str(c)) for c in self.case_ids[pool]})
+            raise ArtifactError(f"{self.path}: fold {fold} of {folds} would hold {'no' if held.size == 0 else 'every'} "
+                                f"patient ({patients} patients in train and val); use fewer --folds")
+        return dataclasses.replace(self, splits={"train": pool[assigned != fold], "val": held,
+                                                 "test": self.splits["test"]})
+
     def sha256(self) -> str:
         """The file's SHA-256: the exact artifact a result came from (see ``brats-build info``)."""
         return file_sha256(self.path)
@@ -184,25 +215,49 @@ class Artifact:
             raise ArtifactError(f"{self.path}: the {split} split has no rows; rebuild with a larger --{split}-fraction")
         return rows
 
-    def require(self, channels: Sequence[str]) -> None:
+    def require(self, channels: Sequence[str], context: int = 0) -> None:
+        """Refuse a run that needs modalities, or more neighbouring slices, than the file holds."""
         missing = [c for c in channels if c not in self.modalities]
         if missing:
             raise ArtifactError(f"{self.path}: no modality {', '.join(missing)} (it holds {', '.join(self.modalities)})")
+        if context > self.context:
+            raise ArtifactError(f"{self.path}: holds {self.context} neighbouring slice(s) on each side, the run asks for "
+                                f"--context {context}; use --context {self.context} or less, or rebuild with "
+                                f"`brats-build build ... --context {context}`")
+
+
+def neighbours_kept(stored: int, wanted: int) -> slice:
+    """Which of a row's ``2 * stored`` neighbouring slices (``context_offsets(stored)``) a run with ``wanted`` on each
+    side reads: the ``wanted`` nearest on each side, in the same order."""
+    return slice(stored - wanted, stored + wanted)
+
+
+def with_context(center: np.ndarray, neighbours: np.ndarray | None, context: int) -> np.ndarray:
+    """(C, H, W) slices and their (C, 2K, H, W) neighbours as one (C * (2K + 1), H, W) stack: each channel's
+    slices in order, from ``-context`` to ``+context`` (the network's input channels)."""
+    if not context:
+        return center
+    assert neighbours is not None
+    return np.concatenate([neighbours[:, :context], center[:, None], neighbours[:, context:]], 1).reshape(
+        -1, *center.shape[1:])
 
 
 class SliceDataset(Dataset):
     """Rows ``rows`` of the artifact: (image (C, H, W) in the stored dtype, seg (H, W) uint8, row index).
 
-    With a ``stamp`` (``file_stamp`` when the run opened the file), a worker that opens a replaced file stops
-    instead of reading rows the run never chose. Every label read is checked to lie in 0..3.
+    With ``context`` K, each channel comes with its K neighbouring slices on each side (``with_context``): C becomes
+    channels x (2K + 1). With a ``stamp`` (``file_stamp`` when the run opened the file), a worker that opens a
+    replaced file stops instead of reading rows the run never chose. Every label read is checked to lie in 0..3.
     """
 
-    def __init__(self, path: Path | str, rows: np.ndarray, channels: Sequence[str], stamp: FileStamp | None = None
-                 ) -> None:
+    def __init__(self, path: Path | str, rows: np.ndarray, channels: Sequence[str], stamp: FileStamp | None = None,
+                 context: int = 0, stored_context: int = 0) -> None:
         self.path = str(path)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.channels = tuple(channels)
         self.stamp = stamp
+        self.context = context
+        self.kept = neighbours_kept(stored_context, context)
         self._datasets: dict[str, h5py.Dataset] | None = None
         self._pid = -1
 
@@ -216,7 +271,8 @@ class SliceDataset(Dataset):
             if self.stamp is not None and file_stamp(self.path) != self.stamp:
                 f.close()
                 raise replaced(self.path)
-            self._datasets = {name: f[name] for name in (*self.channels, SEG, CASE_ID)}  # looked up once, not per row
+            names = (*self.channels, SEG, CASE_ID, *(f"{CONTEXT_GROUP}/{c}" for c in self.channels if self.context))
+            self._datasets = {name: f[name] for name in names}  # looked up once, not per row
             self._pid = os.getpid()
         return self._datasets
 
@@ -224,6 +280,9 @@ class SliceDataset(Dataset):
         datasets = self._open()
         row = int(self.rows[index])
         image = np.stack([datasets[c][row] for c in self.channels])  # one chunk per channel, never fancy indexing
+        if self.context:  # one more chunk per channel: its neighbouring slices
+            neighbours = np.stack([datasets[f"{CONTEXT_GROUP}/{c}"][row][self.kept] for c in self.channels])
+            image = with_context(image, neighbours, self.context)
         if image.dtype in _TORCH_UNSUPPORTED:
             image = image.astype(np.float32)
         seg = datasets[SEG][row]
@@ -293,6 +352,10 @@ class DeviceCache:
         with h5py.File(dataset.path, "r") as f:
             rows = dataset.rows
             images = np.stack([_read_rows(f[c], rows) for c in dataset.channels], axis=1)
+            if dataset.context:
+                neighbours = np.stack([_read_rows(f[f"{CONTEXT_GROUP}/{c}"], rows)[:, dataset.kept]
+                                       for c in dataset.channels], axis=1)
+                images = np.stack([with_context(one, around, dataset.context) for one, around in zip(images, neighbours)])
             labels = _read_rows(f[SEG], rows)
             bad = np.flatnonzero(labels.reshape(len(rows), -1).max(1) >= len(LABELS))
             if bad.size:
@@ -320,9 +383,9 @@ class DeviceCache:
             yield self.images[on_device], self.labels[on_device], self.rows[index]
 
     @staticmethod
-    def nbytes(path: Path, rows: int, channels: Sequence[str]) -> int:
+    def nbytes(path: Path, rows: int, channels: Sequence[str], context: int = 0) -> int:
         with h5py.File(path, "r") as f:
-            per_row = sum(f[c].dtype.itemsize for c in channels) + 1
+            per_row = sum(f[c].dtype.itemsize for c in channels) * (2 * context + 1) + 1
             return rows * per_row * int(np.prod(f[SEG].shape[1:]))
 
 

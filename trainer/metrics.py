@@ -3,11 +3,16 @@
 - pixel accuracy: correct pixels / all pixels
 - mean IoU: mean over classes of tp / (tp + fp + fn), pooled over the epoch (a class absent from both
   prediction and truth counts as 1)
-- MSE: mean squared error between the softmax probabilities and the one-hot target, over pixels and classes
+- MSE: mean squared error between the predicted probabilities and the target's certain ones, over pixels and
+  outputs (softmax against the one-hot class; with ``--task regions``, the three sigmoids against the WT, TC and ET
+  masks)
 - Dice of the BraTS regions WT (labels 1+2+3), TC (1+3), ET (3), per slice, averaged over slices; a region
   absent from both the prediction and the truth of a slice scores 1 (nnU-Net's BraTS convention), predicted
   but absent scores 0. Binary task: WT only. These per-slice numbers are not the official BraTS 2023 lesion-wise
   3D scores and cannot be compared with leaderboard figures.
+
+Every task is scored on the label maps its outputs turn into (``trainer.tasks``), so a region-based model's numbers
+mean what a multiclass model's do.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import torch.distributed as dist
 
 from builder.format import REGIONS
 from trainer.scoring import dice_from_counts
+from trainer.tasks import classes as classes_of
+from trainer.tasks import encode, label_classes, probabilities
 
 
 def region_names(task: str) -> tuple[str, ...]:
-    return tuple(REGIONS) if task == "multiclass" else ("WT",)
+    return ("WT",) if task == "binary" else tuple(REGIONS)
 
 
 def slice_confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
@@ -44,7 +51,7 @@ def _class_counts(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def _membership(task: str, classes: int, device: torch.device) -> torch.Tensor:
-    """(R, C) 1 where class c belongs to region r (binary task: WT is class 1)."""
+    """(R, C) 1 where label c belongs to region r (binary task: WT is class 1)."""
     if task == "binary":
         return torch.tensor([[0.0, 1.0]], device=device)
     return torch.tensor([[float(c in labels) for c in range(classes)] for labels in REGIONS.values()], device=device)
@@ -61,7 +68,7 @@ def _region_dice(confusion: torch.Tensor, membership: torch.Tensor) -> torch.Ten
 
 def region_dice(pred: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
     """(B, R) Dice of each region per slice; 1 where the region is absent from both."""
-    classes = 4 if task == "multiclass" else 2
+    classes = label_classes(task)
     membership = _membership(task, classes, pred.device)
     return _region_dice(slice_confusion(pred, target, classes), membership).float()
 
@@ -69,28 +76,28 @@ def region_dice(pred: torch.Tensor, target: torch.Tensor, task: str) -> torch.Te
 class SegmentationMetrics:
     """Accumulates one epoch's sums; ``compute`` turns them into the metrics above."""
 
-    def __init__(self, classes: int, task: str, device: torch.device, keep_per_slice: bool = False) -> None:
-        self.classes, self.task = classes, task
+    def __init__(self, task: str, device: torch.device, keep_per_slice: bool = False) -> None:
+        self.classes, self.task = label_classes(task), task
         self.regions = region_names(task)
         # One float64 vector of sums: [loss*n, n, slices, correct, pixels, sq_error, sq_count, tp(C), fp(C), fn(C),
         # dice(R)], so that reducing across ranks is one all_reduce and exact.
-        self.sums = torch.zeros(7 + 3 * classes + len(self.regions), dtype=torch.float64, device=device)
-        self._membership = _membership(task, classes, device)
+        self.sums = torch.zeros(7 + 3 * self.classes + len(self.regions), dtype=torch.float64, device=device)
+        self._membership = _membership(task, self.classes, device)
         self.per_slice: list[dict[str, float]] | None = [] if keep_per_slice else None
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor | float | None = None,
                rows: torch.Tensor | None = None) -> None:
-        """Add a batch: logits (B, C, H, W) already cropped to the stored size, target (B, H, W) class indices."""
-        self.update_probabilities(logits.detach().float().softmax(1), target, loss, rows)
+        """Add a batch: logits (B, outputs, H, W) already cropped to the stored size, target (B, H, W) label values
+        (0/1 for the binary task)."""
+        self.update_probabilities(probabilities(logits.detach().float(), self.task), target, loss, rows)
 
     def update_probabilities(self, probs: torch.Tensor, target: torch.Tensor,
                              loss: torch.Tensor | float | None = None, rows: torch.Tensor | None = None) -> None:
-        """Add a batch of class probabilities (B, C, H, W): how fused predictions are scored like models."""
+        """Add a batch of the task's probabilities (B, outputs, H, W): how fused predictions are scored like models."""
         with torch.no_grad():
             probs = probs.float()
             batch = target.shape[0]
-            # max(1).indices: the argmax (first maximum on ties), but about 20x faster than argmax(1) on CPUs
-            confusion = slice_confusion(probs.max(1).indices, target, self.classes)
+            confusion = slice_confusion(classes_of(probs, self.task), target, self.classes)
             tp, fp, fn = _class_counts(confusion.sum(0))
             dice = _region_dice(confusion, self._membership)
             c = self.classes
@@ -101,8 +108,10 @@ class SegmentationMetrics:
             s[2] += batch
             s[3] += tp.sum()
             s[4] += target.numel()
-            # sum over pixels of |p - onehot|^2 = sum p^2 - 2 p[truth] + 1, with no one-hot tensor
-            s[5] += (probs * probs).sum() - 2 * probs.gather(1, target.unsqueeze(1)).sum() + target.numel()
+            if self.task == "regions":
+                s[5] += ((probs - encode(target, self.task)) ** 2).sum()
+            else:  # sum over pixels of |p - onehot|^2 = sum p^2 - 2 p[truth] + 1, with no one-hot tensor
+                s[5] += (probs * probs).sum() - 2 * probs.gather(1, target.unsqueeze(1)).sum() + target.numel()
             s[6] += probs.numel()
             s[7 : 7 + c] += tp
             s[7 + c : 7 + 2 * c] += fp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,7 @@ from torch import nn
 
 from builder.format import MODALITIES
 from trainer.reports import atomic_output
-
-#: Class counts a brats2d model can have: binary (background, tumour) or multiclass (background, NCR, ED, ET).
-CLASS_COUNTS = (2, 4)
+from trainer.tasks import OUTPUTS
 
 
 class ModelError(Exception):
@@ -83,12 +82,15 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
             raise OSError(f"write failed ({str(error).splitlines()[0][:120]})") from None
 
 
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely: ``weights_only=True`` never runs code from the file; a file that would need to
-    is refused in one line, as is a file that is not a checkpoint."""
+def read_checkpoint(path: Path, device: torch.device | str = "cpu", resume: bool = False) -> dict[str, Any]:
+    """Load a checkpoint safely and checked: every byte against the CRC its zip records (torch itself does not look,
+    so a flipped byte would load as other weights), then ``weights_only=True`` (never runs code from the file), then
+    its configuration (and with ``resume`` its training state) by type and range. Anything else: one ModelError line.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no checkpoint here (train one with `brats-train fit`)")
+    _check_bytes(path)
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
@@ -100,26 +102,59 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise ModelError(f"{path}: not a brats2d checkpoint (no model weights and configuration)")
     check_config(path, checkpoint["config"])
+    if resume:
+        _check_resume_state(path, checkpoint)
     return checkpoint
 
 
+def _check_bytes(path: Path) -> None:
+    """ModelError unless the file is a zip (torch's format) whose every member matches its recorded CRC-32."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise ModelError(f"{path}: not a readable checkpoint ({type(error).__name__}: {str(error)[:60]}); it may be "
+                         "truncated: use another checkpoint of the run (best.pt or last.pt)") from None
+    if damaged is not None:
+        raise ModelError(f"{path}: damaged: its part {damaged} fails its checksum (CRC-32), so the weights are not the "
+                         "ones saved; use another checkpoint of the run, or train it again")
+
+
 def check_config(path: Path, config: Any) -> None:
-    """A checkpoint's configuration, checked before any model is built from it (a crafted one could ask for
+    """A checkpoint's configuration, checked field by field (``FitConfig.from_dict``: one schema for every command)
+    before any model is built from it, and its channels and outputs against each other (a crafted one could ask for
     2e8 classes and a 100 GB allocation)."""
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: its configuration is not a mapping; not a brats2d checkpoint")
+    from trainer.config import FitConfig
+
+    try:
+        FitConfig.from_dict(config, str(path))
+    except ValueError as error:
+        raise ModelError(f"{error}; not a checkpoint brats2d wrote") from None
     channels, classes = config.get("channels"), config.get("classes")
+    task = config.get("task", "multiclass")
     problems = []
     if not (isinstance(channels, list) and channels and set(channels) <= set(MODALITIES)
             and len(set(channels)) == len(channels)):
         problems.append(f"channels {str(channels)[:60]} (expected some of {', '.join(MODALITIES)})")
-    if classes not in CLASS_COUNTS:
-        problems.append(f"classes {str(classes)[:20]} (expected 2 or 4)")
-    for key in ("arch", "encoder"):
-        if not isinstance(config.get(key), str):
-            problems.append(f"{key} missing")
+    if classes != OUTPUTS.get(task):
+        problems.append(f"task {str(task)[:20]} with {str(classes)[:20]} outputs (expected one of "
+                        f"{', '.join(f'{t} with {n}' for t, n in OUTPUTS.items())})")
     if problems:
         raise ModelError(f"{path}: invalid configuration: {'; '.join(problems)}; not a checkpoint brats2d wrote")
+
+
+#: The training state a resume checkpoint holds besides the weights, and the type of each.
+RESUME_STATE = {"epoch": int, "step": int, "best_score": float, "bad_epochs": int, "optimizer": dict,
+                "schedule": dict, "scaler": dict}
+
+
+def _check_resume_state(path: Path, checkpoint: dict[str, Any]) -> None:
+    for key, kind in RESUME_STATE.items():
+        value = checkpoint.get(key)
+        ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is float and isinstance(value, int))
+        if not ok or (kind is int and value < (-1 if key == "epoch" else 0)):
+            raise ModelError(f"{path}: its {key} is {str(value)[:40]!r}, not what a brats2d resume state holds; "
+                             "the checkpoint is damaged or was edited: start the run again")
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -129,7 +164,8 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn
     """
     checkpoint = read_checkpoint(Path(path), device)
     config = checkpoint["config"]
-    model = build_model(config["arch"], config["encoder"], None, len(config["channels"]), config["classes"])
+    in_channels = len(config["channels"]) * (2 * config.get("context", 0) + 1)
+    model = build_model(config["arch"], config["encoder"], None, in_channels, config["classes"])
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError, AttributeError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
 
 from trainer.config import FitConfig
@@ -34,36 +35,52 @@ class Batches:
 
     def __init__(self, config: FitConfig, slice_shape: tuple[int, int], device: torch.device) -> None:
         self.config, self.device = config, device
-        self.padding = padding_for(*slice_shape)
+        self.slice_shape = slice_shape
         self.channels_last = device.type == "cuda"
 
     def inputs(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network input and class targets; with a ``generator`` (training) augmented and maybe cropped."""
+        """Network input (zero-padded to a multiple of 32) and targets; with a ``generator`` (training) augmented
+        and maybe cropped."""
         images = normalise(images.to(self.device, non_blocking=True), self.config.norm)
-        target = labels.to(self.device, non_blocking=True).long()
-        if self.config.task == "binary":
-            target = (target > 0).long()
+        target = self.targets(labels)
         if generator is not None:
             if self.config.augment:
                 images, target = augment(images, target, generator)
             if self.config.crop:
                 images, target = random_crop(images, target, self.config.crop, generator)
-                return self._layout(images), target
-        return self._layout(pad(images, self.padding)), target
+        return self._layout(pad(images, padding_for(*images.shape[-2:]))), target
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Stored labels as targets on the device (binary: tumour or not; regions: the loss and the metrics draw WT,
+        TC and ET from the labels)."""
+        target = labels.to(self.device, non_blocking=True).long()
+        return (target > 0).long() if self.config.task == "binary" else target
 
     def _layout(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def crop(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Logits at the target's size: undo the padding of whole slices (training patches have none)."""
-        return logits if logits.shape[-2:] == target.shape[-2:] else crop(logits, self.padding)
+        """Logits at the target's size: undo the padding."""
+        return logits if logits.shape[-2:] == target.shape[-2:] else crop(logits, padding_for(*target.shape[-2:]))
+
+
+def open_artifact(config: FitConfig) -> Artifact:
+    """The run's artifact, checked to hold what the run reads, as the run sees it (a fold run: its fold)."""
+    artifact = Artifact.open(config.data)
+    artifact.require(config.channels, config.context)
+    return artifact.with_folds(config.folds, config.fold) if config.folds else artifact
+
+
+def dataset_for(config: FitConfig, artifact: Artifact, rows: np.ndarray) -> SliceDataset:
+    """The rows a run reads: its channels, each with its ``context`` neighbours."""
+    return SliceDataset(artifact.path, rows, config.channels, artifact.stamp, config.context, artifact.context)
 
 
 def make_source(config: FitConfig, artifact: Artifact, split: str, train: bool, device: torch.device,
                 world: World, use_cache: bool) -> Iterable:
     """Batches of ``split``: a DataLoader streaming from the file, or the split held on the device."""
-    dataset = SliceDataset(artifact.path, artifact.rows_of(split), config.channels, artifact.stamp)
+    dataset = dataset_for(config, artifact, artifact.rows_of(split))
     if use_cache:
         return DeviceCache(dataset, config.batch_size, train, config.seed, device, world.rank, world.size)
     return make_loader(dataset, config.batch_size, train, config.workers, config.seed, world.rank, world.size,
@@ -76,6 +93,7 @@ def choose_cache(config: FitConfig, artifact: Artifact, device: torch.device) ->
         return config.cache == "device"
     if device.type != "cuda":
         return False
-    needed = sum(DeviceCache.nbytes(artifact.path, len(artifact.splits[s]), config.channels) for s in ("train", "val"))
+    needed = sum(DeviceCache.nbytes(artifact.path, len(artifact.splits[s]), config.channels, config.context)
+                 for s in ("train", "val"))
     free, _ = torch.cuda.mem_get_info(device)
     return needed < DEVICE_CACHE_SHARE * free

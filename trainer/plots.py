@@ -1,4 +1,10 @@
-"""Pictures a run leaves behind: learning curves and sample predictions, coloured by BraTS region."""
+"""Pictures a run leaves behind: learning curves and sample predictions, coloured by BraTS region.
+
+Every slice is drawn as radiologists read it, worked out from the volume's axis codes (never assumed), with the
+orientation letters on its edges: axial slices anterior up and the patient's right on the viewer's left, coronal
+slices superior up and right on the left, sagittal slices superior up and anterior on the left. Layouts are fixed
+(no tight_layout): a run draws its pictures in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.patches import Patch
 
 from builder.format import DEFAULT_AXIS_CODES
+from trainer.tasks import classes, probabilities
 
 #: RGBA per label: NCR red, ED green, ET yellow (the usual BraTS colours); background transparent.
 LABEL_COLOURS = np.array([[0, 0, 0, 0], [1, 0.15, 0.15, 0.8], [0.2, 0.85, 0.2, 0.55], [1, 0.9, 0, 0.85]])
+LEGEND = [Patch(color=LABEL_COLOURS[label][:3], label=name)
+          for label, name in ((1, "necrotic core (NCR)"), (2, "oedema (ED)"), (3, "enhancing tumour (ET)"))]
 CURVES = (("loss", "loss"), ("pixel_accuracy", "pixel accuracy"), ("mean_iou", "mean IoU"), ("mse", "MSE"),
           ("dice_mean", "mean region Dice"), ("dice_WT", "Dice WT"))
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 
 
 def overlay(labels: np.ndarray) -> np.ndarray:
@@ -25,29 +36,54 @@ def overlay(labels: np.ndarray) -> np.ndarray:
     return LABEL_COLOURS[np.clip(labels, 0, 3)]
 
 
-def radiological(image: np.ndarray, axis_codes: Sequence[str]) -> np.ndarray:
-    """A stored axial slice (its axes named by the volume's first two axis codes) as radiologists read it:
-    anterior at the top, the patient's right on the image's left. Worked out from the codes, not assumed."""
-    codes = [c.upper() for c in axis_codes[:2]]
-    if not ({"A", "P"} & set(codes) and {"L", "R"} & set(codes)):
-        return image.T  # not an axial plane: show it as stored
-    front_back = 0 if codes[0] in "AP" else 1
-    shown = image if front_back == 0 else image.T  # rows along anterior-posterior, columns along left-right
-    if codes[front_back] == "A":
-        shown = shown[::-1]  # rows must run from anterior (top) to posterior
-    if codes[1 - front_back] == "R":
-        shown = shown[:, ::-1]  # columns must run from the patient's right to left
-    return shown
+def slice_codes(axis_codes: Sequence[str], slice_axis: int = 2) -> tuple[str, str]:
+    """The axis codes of a slice's two axes: the volume's, less the axis it was sliced along."""
+    codes = [str(c).upper() for i, c in enumerate(axis_codes) if i != slice_axis]
+    return codes[0], codes[1]
+
+
+def radiological(image: np.ndarray, codes: Sequence[str]) -> tuple[np.ndarray, tuple[str, str, str, str]]:
+    """A stored slice (its two axes named by ``codes``, where each letter is the direction the index grows towards)
+    as radiologists read it, and the letters of its top, bottom, left and right edges.
+
+    Up is superior when the slice has a superior-inferior axis (coronal, sagittal), else anterior (axial); across
+    runs from the patient's right to left (axial, coronal), or from anterior to posterior (sagittal)."""
+    first, second = (str(c).upper() for c in codes[:2])
+    vertical = next((axis for axis, c in enumerate((first, second)) if c in "SI"),
+                    next((axis for axis, c in enumerate((first, second)) if c in "AP"), 0))
+    shown = image if vertical == 0 else image.T  # rows along the vertical axis
+    down, across = (first, second) if vertical == 0 else (second, first)
+    top = "S" if down in "SI" else "A"
+    if down == top:  # the index grows towards the top: flip so that it grows downwards
+        shown, down = shown[::-1], _OPPOSITE[down]
+    left = "R" if across in "LR" else "A"
+    if across == left:
+        shown, across = shown[:, ::-1], _OPPOSITE[across]
+    return shown, (top, down, left, across)
 
 
 def show_slice(ax: plt.Axes, image: np.ndarray, labels: np.ndarray | None = None, title: str = "",
-               axis_codes: Sequence[str] = DEFAULT_AXIS_CODES) -> None:
-    """A slice in radiological convention (see ``radiological``), optionally with labels over it."""
-    ax.imshow(radiological(image, axis_codes), cmap="gray", origin="upper")
+               codes: Sequence[str] = DEFAULT_AXIS_CODES[:2]) -> None:
+    """A slice as radiologists read it (``radiological``), optionally with labels over it, its edges lettered."""
+    shown, (top, bottom, left, right) = radiological(image, codes)
+    ax.imshow(shown, cmap="gray", origin="upper")
     if labels is not None:
-        ax.imshow(overlay(radiological(labels, axis_codes)), origin="upper", interpolation="nearest")
-    ax.set_title(title, fontsize=8)
+        ax.imshow(overlay(radiological(labels, codes)[0]), origin="upper", interpolation="nearest")
+    style = dict(color="white", fontsize=6, fontweight="bold", transform=ax.transAxes)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.set_title(title, fontsize=7)
     ax.axis("off")
+
+
+def _grid(rows: int, columns: int, width: float, height: float, top: float = 0.86) -> tuple[plt.Figure, np.ndarray]:
+    """A figure of slice panels with a fixed layout, room for a title above and a legend below."""
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + 0.9), squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.7 / (height * rows + 0.9), top=top, wspace=0.05, hspace=0.3)
+    fig.legend(handles=LEGEND, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    return fig, axes
 
 
 def sample_positions(artifact, split: str, count: int) -> list[int]:
@@ -70,6 +106,7 @@ def sample_positions(artifact, split: str, count: int) -> list[int]:
 def plot_curves(rows: Sequence[dict[str, float]], path: Path) -> None:
     epochs = [int(r["epoch"]) + 1 for r in rows]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=0.25, hspace=0.35)
     for ax, (key, title) in zip(axes.flat, CURVES):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [r.get(f"{split}_{key}", np.nan) for r in rows]
@@ -79,56 +116,70 @@ def plot_curves(rows: Sequence[dict[str, float]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
     fig.suptitle("per-slice metrics (not comparable to BraTS leaderboard 3D lesion-wise scores)", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
+def slice_dice(pred: np.ndarray, truth: np.ndarray, task: str) -> float:
+    """The mean region Dice of one slice (``trainer.metrics.region_dice``): what a panel's title reports."""
+    from trainer.metrics import region_dice
+
+    return float(region_dice(torch.as_tensor(pred)[None].long(), torch.as_tensor(truth)[None].long(), task).mean())
+
+
 def plot_samples(checkpoint: Path, artifact, batches, path: Path, count: int = 4) -> None:
     """A few validation slices: the input, the truth and the prediction of the model in ``checkpoint``."""
-    import h5py
-
+    from trainer.config import FitConfig
     from trainer.model import load_model
+    from trainer.pipeline import dataset_for
 
-    model, config = load_model(checkpoint, batches.device)
+    model, saved = load_model(checkpoint, batches.device)
+    config = FitConfig.from_dict(saved)
     rows = artifact.splits["val"][sample_positions(artifact, "val", count)]
-    with h5py.File(artifact.path, "r") as f:
-        images = torch.from_numpy(np.stack([[f[c][r] for c in config["channels"]] for r in rows]))
-        truth = np.stack([f["seg"][r] for r in rows])
+    dataset = dataset_for(config, artifact, rows)
+    items = [dataset[i] for i in range(len(rows))]
+    images, truth = torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items]).numpy()
     with torch.no_grad():
         inputs, target = batches.inputs(images, torch.from_numpy(truth))
-        pred = batches.crop(model(inputs), target).argmax(1).cpu().numpy()
-    if config["task"] == "binary":
-        truth = (truth > 0).astype(np.uint8) * 2  # whole tumour drawn in the oedema colour
-        pred = pred * 2
-    shown = config["channels"][-1]
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
-    codes = artifact.axis_codes
+        pred = classes(probabilities(batches.crop(model(inputs), target), config.task), config.task).cpu().numpy()
+    if config.task == "binary":
+        truth = (truth > 0).astype(np.uint8)
+    scale = 2 if config.task == "binary" else 1  # binary: the whole tumour drawn in the oedema colour
+    shown = config.channels[-1]
+    centre = images.shape[1] - 1 - config.context  # the last channel's own slice, not a neighbour
+    codes = slice_codes(artifact.axis_codes, artifact.slice_axis)
+    fig, axes = _grid(len(rows), 3, 2.5, 2.6)
     for i, row in enumerate(rows):
-        name = f"{artifact.case_ids[row]} z={artifact.slice_index[row]}"
-        show_slice(axes[i, 0], images[i, -1].numpy(), None, f"{name}\n{shown}", codes)
-        show_slice(axes[i, 1], images[i, -1].numpy(), truth[i], "truth", codes)
-        show_slice(axes[i, 2], images[i, -1].numpy(), pred[i], "prediction", codes)
-    fig.suptitle("red NCR, green ED, yellow ET", fontsize=9)
-    fig.tight_layout()
+        name = f"{artifact.case_ids[row]} {artifact.plane} {artifact.slice_index[row]}"
+        image = images[i, centre].numpy()
+        show_slice(axes[i, 0], image, None, f"input: {shown}\n{name}", codes)
+        show_slice(axes[i, 1], image, truth[i] * scale, "truth", codes)
+        show_slice(axes[i, 2], image, pred[i] * scale,
+                   f"model: Dice {slice_dice(pred[i], truth[i], config.task):.2f}", codes)
+    fig.suptitle(f"validation slices of different patients, as radiologists read them ({config.task} model)", fontsize=9)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def _case_panels(axes, artifact, row: int, seg: np.ndarray, predictions: dict[str, np.ndarray], images: dict) -> None:
+def _case_panels(axes, artifact, row: int, seg: np.ndarray, predictions: dict[str, np.ndarray], images: dict,
+                 names: dict[str, str], task: str) -> None:
     from builder.format import MODALITIES
 
-    base, codes = images["t2f"], artifact.axis_codes
+    codes = slice_codes(artifact.axis_codes, artifact.slice_axis)
+    base = images["t2f"]
     for ax, modality in zip(axes, MODALITIES):
-        show_slice(ax, images[modality], None, modality, codes)
-    show_slice(axes[4], base, seg, f"truth\n{artifact.case_ids[row]}", codes)
+        show_slice(ax, images[modality], None, f"input: {names.get(modality, modality)}", codes)
+    scale = 2 if task == "binary" else 1
+    show_slice(axes[4], base, seg * scale, f"truth\n{artifact.case_ids[row]}", codes)
     for ax, (name, labels) in zip(axes[5:], predictions.items()):
-        show_slice(ax, base, labels, name, codes)
+        show_slice(ax, base, labels * scale, f"model: {names.get(name, name)}\nDice {slice_dice(labels, seg, task):.2f}",
+                   codes)
 
 
-def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, probabilities: dict[str, torch.Tensor], task: str,
-                    out: Path, cases_in_png: int = 4, frames: int = 24) -> None:
-    """comparison.png (a few test cases, every approach) and comparison.gif (one test case per frame)."""
+def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, predicted: dict[str, torch.Tensor], task: str,
+                    out: Path, names: dict[str, str], cases_in_png: int = 4, frames: int = 24) -> None:
+    """comparison.png (a few test cases, every approach) and comparison.gif (one test case per frame): the four
+    input modalities, the truth, then each approach's prediction with its Dice on that slice."""
     import h5py
     from PIL import Image
 
@@ -138,25 +189,27 @@ def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, probabilities: 
     rows, seg = rows[shown], seg[shown]
     with h5py.File(artifact.path, "r") as f:
         images = [{m: f[m][int(row)] for m in MODALITIES} for row in rows]
-    scale = 2 if task == "binary" else 1  # binary: draw the whole tumour in the oedema colour
-    labels = {name: p[shown].float().argmax(1).numpy() * scale for name, p in probabilities.items()}
-    truth = seg if task == "multiclass" else (seg > 0) * 2
+    labels = {name: classes(p[shown].float(), task).numpy() for name, p in predicted.items()}
+    truth = seg if task != "binary" else (seg > 0).astype(np.uint8)
     panels = 5 + len(labels)
     count = min(cases_in_png, len(shown))
-    fig, axes = plt.subplots(count, panels, figsize=(1.45 * panels, 1.6 * count), squeeze=False)
+    title = "test cases: four inputs (left), the truth, then each model's prediction with its Dice on the slice"
+    fig, axes = _grid(count, panels, 1.45, 1.6)
     for i in range(count):
-        _case_panels(axes[i], artifact, int(rows[i]), truth[i], {k: v[i] for k, v in labels.items()}, images[i])
-    fig.suptitle("test cases: the four modalities, the truth, each approach (red NCR, green ED, yellow ET)", fontsize=9)
-    fig.tight_layout()
+        _case_panels(axes[i], artifact, int(rows[i]), truth[i], {k: v[i] for k, v in labels.items()}, images[i], names,
+                     task)
+    fig.suptitle(title, fontsize=9)
     fig.savefig(out / "comparison.png", dpi=90)
     plt.close(fig)
     pictures = []
+    columns = (panels + 1) // 2
     for i in range(len(shown)):
-        fig, axes = plt.subplots(2, (panels + 1) // 2, figsize=(1.6 * ((panels + 1) // 2), 3.6), squeeze=False)
+        fig, axes = _grid(2, columns, 1.6, 1.8, top=0.84)
         for ax in axes.flat[panels:]:
             ax.axis("off")
-        _case_panels(list(axes.flat), artifact, int(rows[i]), truth[i], {k: v[i] for k, v in labels.items()}, images[i])
-        fig.tight_layout()
+        _case_panels(list(axes.flat), artifact, int(rows[i]), truth[i], {k: v[i] for k, v in labels.items()},
+                     images[i], names, task)
+        fig.suptitle(title, fontsize=7)
         fig.canvas.draw()
         pictures.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
         plt.close(fig)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,8 +49,22 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     write_text(path, buffer.getvalue())
 
 
+def strict(value: Any) -> Any:
+    """``value`` with every NaN and infinity as None (JSON's null): strict readers (jq, JavaScript) refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        return strict(value.item())
+    return value
+
+
 def write_json(path: Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2, default=float))
+    """Strict JSON (no NaN or Infinity: null, with the reason beside it where the writer knows one)."""
+    write_text(path, json.dumps(strict(value), indent=2, allow_nan=False, default=str))
 
 
 class BackgroundWriter:

@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from trainer.config import FitConfig
 from trainer.metrics import SegmentationMetrics
 from trainer.pipeline import Batches, autocast_context
+from trainer.tasks import probabilities, region_targets
 
 #: Exponent of the polynomial decay, as nnU-Net uses it.
 POLY_EXPONENT = 0.9
@@ -34,8 +35,28 @@ class SummedLoss(nn.Module):
         return torch.stack([part(logits, target) for part in self.parts]).sum()
 
 
-def make_loss(name: str) -> nn.Module:
-    """Cross-entropy (torch) and/or smp's focal and Dice losses on logits, summed: e.g. "ce+dice"."""
+class OnRegions(nn.Module):
+    """A multilabel loss on the WT, TC and ET masks drawn from label targets (``--task regions``)."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, region_targets(target))
+
+
+def make_loss(name: str, task: str = "multiclass") -> nn.Module:
+    """Cross-entropy and/or smp's focal and Dice losses on logits, summed: e.g. "ce+dice". With ``task`` regions,
+    each on the three region masks: binary cross-entropy ("ce") and smp's multilabel Dice and focal losses, as
+    nnU-Net trains BraTS regions (Dice + BCE)."""
+    if task == "regions":
+        available = {
+            "ce": nn.BCEWithLogitsLoss,
+            "focal": lambda: smp.losses.FocalLoss(mode="multilabel"),
+            "dice": lambda: smp.losses.DiceLoss(mode="multilabel", from_logits=True),
+        }
+        return SummedLoss([OnRegions(available[part]()) for part in name.split("+")])
     available = {
         "ce": nn.CrossEntropyLoss,
         "focal": lambda: smp.losses.FocalLoss(mode="multiclass"),
@@ -120,20 +141,21 @@ def per_slice_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tenso
 
 
 def evaluate(model: nn.Module, source: Iterable, batches: Batches, amp_dtype: torch.dtype | None,
-             keep_per_slice: bool = False, probabilities: list[torch.Tensor] | None = None) -> SegmentationMetrics:
+             keep_per_slice: bool = False, kept: list[torch.Tensor] | None = None) -> SegmentationMetrics:
     """Metrics of ``model`` over ``source`` (this rank's share; call ``all_reduce`` for the whole split).
 
-    With a ``probabilities`` list, each batch's softmax maps are appended to it (float16, on the CPU).
+    With a ``kept`` list, each batch's probabilities (``trainer.tasks.probabilities``) are appended to it (float16, on
+    the CPU).
     """
     config = batches.config
-    metrics = SegmentationMetrics(config.classes, config.task, batches.device, keep_per_slice)
-    loss_fn = make_loss(config.loss).to(batches.device)
+    metrics = SegmentationMetrics(config.task, batches.device, keep_per_slice)
+    loss_fn = make_loss(config.loss, config.task).to(batches.device)
     model.eval()
     with torch.no_grad(), autocast_context(batches.device, amp_dtype):
         for images, labels, rows in source:
-            inputs, target = batches.inputs(images, labels)
+            inputs, target = batches.inputs(images, labels)  # whole slices: no slice's result depends on its batch
             logits = batches.crop(model(inputs), target).float()
             metrics.update(logits, target, per_slice_loss(loss_fn, logits, target), rows)
-            if probabilities is not None:
-                probabilities.append(logits.softmax(1).half().cpu())
+            if kept is not None:
+                kept.append(probabilities(logits, config.task).half().cpu())
     return metrics

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime as dt
 import json
 import math
 import sys
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
+from builder import __version__
+from builder.progress import Progress
+from trainer.board import Board, board
 from trainer.config import FitConfig, FitError, default_batch_size, resolve_device
 from trainer.data import Artifact
 from trainer.distributed import World, barrier, broadcast_buffers, broadcast_object, init_world, shutdown
 from trainer.metrics import SegmentationMetrics
 from trainer.model import build_model, checkpoint_of, read_checkpoint, save_checkpoint
-from trainer.pipeline import Batches, autocast_dtype, choose_cache, make_source
-from trainer.reports import BackgroundWriter, write_csv, write_text
+from trainer.pipeline import Batches, autocast_dtype, choose_cache, make_source, open_artifact
+from trainer.reports import BackgroundWriter, OutputError, write_csv, write_text
+from trainer.runs import CONFIG_FILE, CONFIG_VERSION, held, new_run_dir
 from trainer.step import Optimiser, evaluate, make_loss, train_step
 
 #: Learning curves are redrawn at most this often (and at the end): a plot costs about 0.26 s.
@@ -38,14 +41,37 @@ PLOT_EVERY_SECONDS = 30.0
 SCORE_KEY = "val_dice_mean"
 
 
-def _new_run_dir(config: FitConfig) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(config.out) / f"{config.name or config.modality}-{stamp}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir, n = Path(f"{base}-{n}"), n + 1
-    run_dir.mkdir(parents=True)
-    return run_dir
+LOG_FILE = "log.txt"
+
+
+class RunLog:
+    """What a run says: printed (unless quiet) and appended to RUN/log.txt, so a batch job's log is never the only
+    copy. Ranks other than 0 say nothing."""
+
+    def __init__(self, path: Path | None, quiet: bool) -> None:
+        self.path, self.quiet = path, quiet
+
+    def __call__(self, text: str) -> None:
+        if self.path is None:
+            return
+        if not self.quiet:
+            print(text, flush=True)
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        except OSError as error:
+            raise OutputError(f"{self.path}: could not be written ({error.strerror or error}); free some space or "
+                              "choose a writable --out") from None
+
+    def stopped(self, error: BaseException) -> None:
+        """Record why the run ended early (the command line shows it too)."""
+        if self.path is not None and self.path.parent.is_dir():
+            try:
+                with open(self.path, "a") as handle:
+                    handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stopped: {type(error).__name__}: "
+                                 f"{str(error).splitlines()[0] if str(error) else ''}\n")
+            except OSError:
+                pass  # the error being reported matters more
 
 
 class History:
@@ -54,11 +80,26 @@ class History:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: list[dict[str, float]] = []
+        self.damaged: int | None = None  # the first line that could not be read back, if any
         if path.is_file():
-            with open(path, newline="") as handle:
-                self.rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+            self._read()
+
+    def _read(self) -> None:
+        """Read the rows back, numbers as they were written (an epoch stays an integer); reading stops at a damaged
+        line (a file cut mid-row by hand or a failing disk), which ``damaged`` names."""
+        try:
+            with open(self.path, newline="") as handle:
+                for line, row in enumerate(csv.DictReader(handle), start=2):
+                    try:
+                        self.rows.append({k: _number(v) for k, v in row.items()})
+                    except (TypeError, ValueError):
+                        self.damaged = line
+                        return
+        except (OSError, UnicodeDecodeError, csv.Error):
+            self.damaged = 1
 
     def truncate(self, last_epoch: int) -> None:
+        """Keep the rows up to ``last_epoch`` (those the resume state goes with)."""
         self.rows = [row for row in self.rows if row["epoch"] <= last_epoch]
         self._write()
 
@@ -74,6 +115,15 @@ class History:
     def _write(self) -> None:
         if self.rows:
             write_csv(self.path, self.rows)
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+def _number(text: str | None) -> float | int:
+    """A metrics.csv cell: an integer when it was written as one, else a float (nan included)."""
+    if text is None or text == "":
+        raise ValueError("a missing cell")
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 def fit(config: FitConfig, resume: Path | None = None, run_dir: Path | None = None) -> Path:
@@ -99,15 +149,15 @@ def _bind_to_data(config: FitConfig, artifact: Artifact, device: torch.device, w
     train_rows = len(artifact.rows_of("train"))
     sha256 = broadcast_object(artifact.sha256() if world.is_main else None, world)
     return dataclasses.replace(
-        config, axis_codes=list(artifact.axis_codes), voxel_size=list(artifact.voxel_size),
+        config, plane=artifact.plane, slice_axis=artifact.slice_axis,
+        axis_codes=list(artifact.axis_codes), voxel_size=list(artifact.voxel_size),
         slice_shape=list(artifact.slice_shape), data_sha256=sha256, data_id=artifact.data_id,
         batch_size=config.batch_size or default_batch_size(device, train_rows),
     )
 
 
 def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | None, run_dir: Path | None) -> Path:
-    artifact = Artifact.open(config.data)
-    artifact.require(config.channels)
+    artifact = open_artifact(config)
     config = _bind_to_data(config, artifact, device, world, resume)
     train_rows = artifact.rows_of("train")
     artifact.rows_of("val")
@@ -115,7 +165,7 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
     if config.batch_size > len(train_rows):
         raise FitError(f"--batch-size {config.batch_size} is larger than the train split ({len(train_rows)} rows)")
     torch.manual_seed(config.seed)
-    model = build_model(config.arch, config.encoder, config.encoder_weights, len(config.channels), config.classes)
+    model = build_model(config.arch, config.encoder, config.encoder_weights, config.in_channels, config.classes)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -127,53 +177,88 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
     steps_per_epoch = len(train_source)  # type: ignore[arg-type]
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
     optimiser = Optimiser.create(model, config, device, amp_dtype, int(total_steps), steps_per_epoch)
-    state = {"epoch": -1, "step": 0, "best_score": -math.inf, "bad_epochs": 0}
-
-    if world.is_main:
-        if resume is not None:
-            run_dir = resume
-        elif run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            run_dir = _new_run_dir(config)
-    run_dir = Path(broadcast_object(str(run_dir) if world.is_main else None, world))  # type: ignore[arg-type]
-    history = History(run_dir / "metrics.csv")
-    if resume is not None:
-        checkpoint = read_checkpoint(run_dir / "last.pt", device)
-        model.load_state_dict(checkpoint["model"])
-        optimiser.load_state_dict(checkpoint)
-        state = {k: checkpoint[k] for k in state}
-        if world.is_main:
-            history.truncate(state["epoch"])
-    if world.is_main:
-        config_json = {**config.to_dict(), "artifact": _provenance(artifact), "world_size": world.size}
-        write_text(run_dir / "config.json", json.dumps(config_json, indent=2, default=str))
-        if config.crop and config.crop >= min(artifact.slice_shape):
-            print(f"--crop {config.crop}: not smaller than the {artifact.slice_shape[0]}x{artifact.slice_shape[1]} "
-                  "slices, so training sees whole slices", flush=True)
-        print(f"run {run_dir}: {config.modality} ({', '.join(config.channels)}), {config.arch}/{config.encoder}, "
-              f"{len(train_rows)} train rows, batch {config.batch_size}, "
-              f"data {'held on the device' if use_cache else 'streamed from the file'}"
-              f", device {device}{f' x{world.size}' if world.distributed else ''}", flush=True)
     network: nn.Module = model
     if world.distributed:
         network = DistributedDataParallel(model, device_ids=[world.local_rank] if device.type == "cuda" else None)
     if config.compile:
         network = torch.compile(network)
-    batches = Batches(config, artifact.slice_shape, device)
-    loss_fn = make_loss(config.loss).to(device)
-    writer = BackgroundWriter()
-    try:
-        _epochs(Session(config, state, model, network, optimiser, train_source, val_source, batches, loss_fn,
-                        amp_dtype, artifact, world, history, run_dir, writer))
-        writer.wait()
-    finally:
-        writer.close(failing=sys.exc_info()[0] is not None)
     if world.is_main:
-        _plot_curves(history.rows, run_dir)
-        _plot_samples(run_dir, artifact, batches)
+        run_dir = resume or _make_folder(run_dir) or new_run_dir(Path(config.out), config.name or config.modality)
+    run_dir = Path(broadcast_object(str(run_dir) if world.is_main else None, world))  # type: ignore[arg-type]
+    with held(run_dir) if world.is_main else nullcontext():
+        log = RunLog(run_dir / LOG_FILE if world.is_main else None, config.quiet or not world.is_main)
+        run = Session(config, {"epoch": -1, "step": 0, "best_score": -math.inf, "bad_epochs": 0}, model, network,
+                      optimiser, train_source, val_source, Batches(config, artifact.slice_shape, device),
+                      make_loss(config.loss, config.task).to(device), amp_dtype, artifact, world,
+                      History(run_dir / "metrics.csv"), run_dir, BackgroundWriter(), log,
+                      board(run_dir) if config.tensorboard and world.is_main else None)
+        try:
+            if resume is not None:
+                _continue(run, device)
+            if world.is_main:
+                _announce(run, len(train_rows), use_cache, device)
+            try:
+                _epochs(run)
+                run.writer.wait()
+            finally:
+                run.writer.close(failing=sys.exc_info()[0] is not None)
+            if world.is_main:
+                if not config.keep_last:  # the run is over: the resume state (the optimiser's, 2x the weights) goes
+                    (run_dir / "last.pt").unlink(missing_ok=True)
+                _plot_samples(run_dir, artifact, run.batches)
+                if run.board is not None:
+                    run.board.picture(run_dir / "samples.png")
+        except (Exception, KeyboardInterrupt) as error:
+            log.stopped(error)
+            raise
+        finally:
+            if run.board is not None:
+                run.board.close()
     barrier(world)
     return run_dir
+
+
+def _make_folder(run_dir: Path | None) -> Path | None:
+    """``run_dir``, made if it is not there yet (compare and the benchmarks name their runs' folders)."""
+    if run_dir is not None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"{run_dir}: could not be created ({error.strerror or error})") from None
+    return run_dir
+
+
+def _continue(run: Session, device: torch.device) -> None:
+    """Load the resume state into ``run`` (a run killed before its first checkpoint starts from its first epoch)."""
+    if run.history.damaged is not None:
+        run.log(f"{run.history.path}: line {run.history.damaged} is damaged; the rows before it are kept")
+    state_file = run.run_dir / "last.pt"
+    if state_file.is_file():
+        checkpoint = read_checkpoint(state_file, device, resume=True)
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimiser.load_state_dict(checkpoint)
+        run.state = {k: checkpoint[k] for k in run.state}
+        if run.state["bad_epochs"] >= run.config.patience and run.state["epoch"] < run.config.epochs - 1:
+            run.state["bad_epochs"] = 0  # an early-stopped run extended with --epochs: its patience starts again
+    if run.world.is_main:
+        run.history.truncate(run.state["epoch"])
+
+
+def _announce(run: Session, train_rows: int, use_cache: bool, device: torch.device) -> None:
+    """config.json (every option, absolute paths, the data's provenance) and the run's first line."""
+    config, artifact, world = run.config, run.artifact, run.world
+    config_json = {**config.to_dict(), "config_version": CONFIG_VERSION, "brats2d_version": __version__,
+                   "artifact": _provenance(artifact), "world_size": world.size}
+    write_text(run.run_dir / CONFIG_FILE, json.dumps(config_json, indent=2, default=str))
+    if config.crop and config.crop >= min(artifact.slice_shape):
+        run.log(f"--crop {config.crop}: not smaller than the {artifact.slice_shape[0]}x{artifact.slice_shape[1]} "
+                "slices, so training sees whole slices")
+    run.log(f"run {run.run_dir}: {config.modality} ({', '.join(config.channels)}"
+          f"{f', each with {config.context} slice(s) on each side' if config.context else ''}; {config.plane}"
+          f"{f'; fold {config.fold} of {config.folds}' if config.folds else ''}), {config.task}, "
+          f"{config.arch}/{config.encoder}, {train_rows} train rows, batch {config.batch_size}, "
+          f"data {'held on the device' if use_cache else 'streamed from the file'}"
+          f", device {device}{f' x{world.size}' if world.distributed else ''}")
 
 
 @dataclass
@@ -195,6 +280,8 @@ class Session:
     history: History
     run_dir: Path
     writer: BackgroundWriter
+    log: RunLog
+    board: Board | None = None  # TensorBoard, with --tensorboard
 
 
 def _epochs(run: Session) -> None:
@@ -212,7 +299,7 @@ def _epochs(run: Session) -> None:
         lr = optimiser.lr
         train_metrics = _train_epoch(run.network, run.train_source, run.batches, run.loss_fn, optimiser, run.amp_dtype,
                                      generator,
-                                     state, f"epoch {epoch + 1}/{config.epochs}", world.is_main)
+                                     state, f"epoch {epoch + 1}/{config.epochs}", world.is_main and not config.quiet)
         train_metrics.all_reduce()
         train_seconds = time.perf_counter() - started
         run.artifact.check_unchanged()  # every rank, every epoch: never validate on rows of another file
@@ -233,29 +320,36 @@ def _epochs(run: Session) -> None:
         state["best_score"] = max(state["best_score"], row[SCORE_KEY])
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
+        early_stop = state["bad_epochs"] >= config.patience
+        final = early_stop or epoch == config.epochs - 1 or state["step"] >= (config.max_steps or math.inf)
         if world.is_main:
             history.add(row | {"other_seconds": math.nan, "seconds": math.nan})  # logged before its checkpoint
             best = checkpoint_of(model, config.to_dict()) if improved else None  # what inference needs
-            last = checkpoint_of(model, config.to_dict(), **optimiser.state_dict(), **state)  # what resuming needs
-            plot = time.perf_counter() - last_plot >= PLOT_EVERY_SECONDS
+            # what resuming needs; a run that ends here drops it (unless --keep-last): the previous one serves a kill
+            keep = not final or config.keep_last
+            last = checkpoint_of(model, config.to_dict(), **optimiser.state_dict(), **state) if keep else None
+            plot = final or time.perf_counter() - last_plot >= PLOT_EVERY_SECONDS
             last_plot = time.perf_counter() if plot else last_plot
             run.writer.submit(_write_epoch, run.run_dir, best, last, [dict(r) for r in history.rows] if plot else None)
             history.amend_last(other_seconds=round(time.perf_counter() - started - train_seconds - val_seconds, 3),
                                seconds=round(time.perf_counter() - started, 3))
-            tqdm.write(_summary_line(history.rows[-1], improved))
+            run.log(_summary_line(history.rows[-1], improved))
+            if run.board is not None:
+                run.board.epoch(history.rows[-1])
         barrier(world)
-        if state["bad_epochs"] >= config.patience:
-            if world.is_main:
-                tqdm.write(f"early stop: no better {SCORE_KEY} for {config.patience} epochs")
+        if early_stop:
+            run.log(f"early stop: no better {SCORE_KEY} for {config.patience} epochs")
             break
 
 
-def _write_epoch(run_dir: Path, best: dict[str, Any] | None, last: dict[str, Any],
+def _write_epoch(run_dir: Path, best: dict[str, Any] | None, last: dict[str, Any] | None,
                  rows: list[dict[str, float]] | None) -> None:
-    """An epoch's outputs, on the background writer: best.pt when it improved, last.pt, and the curves if due."""
+    """An epoch's outputs, on the background writer: best.pt when it improved, last.pt unless the run ends here,
+    and the curves if due."""
     if best is not None:
         save_checkpoint(run_dir / "best.pt", best)
-    save_checkpoint(run_dir / "last.pt", last)
+    if last is not None:
+        save_checkpoint(run_dir / "last.pt", last)
     if rows is not None:
         _plot_curves(rows, run_dir)
 
@@ -265,18 +359,17 @@ def _train_epoch(network: nn.Module, source: Iterable, batches: Batches, loss_fn
                  show: bool) -> SegmentationMetrics:
     """One pass over the training batches (stops early at ``max_steps``); metrics of the inputs trained on."""
     config = batches.config
-    metrics = SegmentationMetrics(config.classes, config.task, batches.device)
+    metrics = SegmentationMetrics(config.task, batches.device)
     network.train()
-    bar = tqdm(source, desc=desc, unit="batch", leave=False, disable=None if show else True, dynamic_ncols=True)
+    bar = Progress(source, desc, unit="batch", show=show, leave=False)
     for images, labels, _ in bar:
         logits, target, loss = train_step(network, batches, images, labels, generator, loss_fn, optimiser, amp_dtype)
         metrics.update(logits, target, loss)
         state["step"] += 1
         if state["step"] % 10 == 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")  # a device sync: only every tenth step
+            bar.note(f"loss {loss.item():.4f}")  # a device sync: only every tenth step
         if config.max_steps is not None and state["step"] >= config.max_steps:
             break
-    bar.close()
     return metrics
 
 

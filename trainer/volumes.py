@@ -1,5 +1,6 @@
-"""Whole volumes through a 2D model: read a case in the training data's orientation, segment its brain slices,
-and map the labels back to the case's own space.
+"""Whole volumes through a 2D model: read a case in the training data's orientation, segment its brain slices in the
+run's plane (each with its neighbouring slices when the run has context), and map the labels back to the case's own
+space.
 
 Needs nibabel (``pip install 'brats2d[predict]'``): with ``predict`` and ``evaluate --volumes``, the only parts of
 the trainer that read NIfTI.
@@ -15,17 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from builder.format import DEFAULT_AXIS_CODES, DEFAULT_VOXEL_SIZE, SEG
 from builder.labels import to_brats2023
 from builder.layout import Case
-from trainer.cleanup import CleanUp, clean_up
+from builder.progress import Progress
 from trainer.config import FitConfig, FitError
 from trainer.metrics import region_names
 from trainer.pipeline import Batches, autocast_context, autocast_dtype
 from trainer.reports import atomic_output
 from trainer.scoring import score_case
+from trainer.tasks import classes, encode, probabilities
 
 #: Binary (whole tumour) models write this label: the oedema value, the largest part of most tumours.
 BINARY_LABEL = 2
@@ -47,17 +48,30 @@ def nibabel() -> Any:
 
 @dataclass(frozen=True)
 class Geometry:
-    """The orientation, voxel size and slice shape a model was trained at (from its run configuration)."""
+    """What a model needs of a volume: the orientation and voxel size it was trained at, the axis it slices along,
+    the shape of its slices and how many neighbours each takes (from its run configuration)."""
 
     axis_codes: tuple[str, ...] = DEFAULT_AXIS_CODES
     voxel_size: tuple[float, ...] = DEFAULT_VOXEL_SIZE
+    slice_axis: int = 2
     slice_shape: tuple[int, ...] | None = None
+    context: int = 0
 
     @classmethod
     def of(cls, config: FitConfig) -> Geometry:
-        """A run's geometry; runs made before it was recorded trained on BraTS's LPS, 1 mm volumes."""
+        """A run's geometry; runs made before it was recorded trained on BraTS's LPS, 1 mm volumes, axially."""
         return cls(tuple(config.axis_codes or DEFAULT_AXIS_CODES), tuple(config.voxel_size or DEFAULT_VOXEL_SIZE),
-                   tuple(config.slice_shape) if config.slice_shape else None)
+                   config.slice_axis, tuple(config.slice_shape) if config.slice_shape else None, config.context)
+
+    def check(self, case_id: str, shape: tuple[int, ...]) -> None:
+        """CaseError unless a volume of ``shape`` (training orientation) has the slices this model was trained on."""
+        planes = [n for axis, n in enumerate(shape) if axis != self.slice_axis]
+        if self.slice_shape is not None and tuple(planes) != tuple(self.slice_shape):
+            raise CaseError(f"{case_id}: slices of {planes[0]}x{planes[1]} voxels, the model was trained on "
+                            f"{self.slice_shape[0]}x{self.slice_shape[1]}")
+        if shape[self.slice_axis] < 2 * self.context + 1:
+            raise CaseError(f"{case_id}: {shape[self.slice_axis]} slices, fewer than the {2 * self.context + 1} a model "
+                            f"with --context {self.context} needs; use a run with less context for this case")
 
 
 @dataclass
@@ -70,9 +84,15 @@ class CaseVolumes:
     spacing: tuple[float, float, float]  # mm, along the training orientation's axes
     reference: Any  # the first channel's image as given: predictions are written in its space
     to_input: np.ndarray  # nibabel orientation transform from the training orientation back to the input's
+    legacy_naming: bool = False  # a 2018-2021 naming, whose label maps write ET as 4
 
     def in_input_space(self, labels: np.ndarray) -> np.ndarray:
         return nibabel().orientations.apply_orientation(labels, self.to_input)
+
+    @property
+    def input_spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the input's own axes."""
+        return tuple(float(z) for z in self.reference.header.get_zooms()[:3])  # type: ignore[return-value]
 
 
 def read_case(case: Case, channels: Sequence[str], geometry: Geometry, label4: str = "auto") -> CaseVolumes:
@@ -105,10 +125,7 @@ def read_case(case: Case, channels: Sequence[str], geometry: Geometry, label4: s
     if not np.allclose(spacing, geometry.voxel_size, rtol=SPACING_TOLERANCE):
         raise CaseError(f"{case.case_id}: voxel size {tuple(round(s, 3) for s in spacing)} mm differs from the "
                         f"training data's {tuple(geometry.voxel_size)} mm; resample the case to it first")
-    shape = orientations.apply_orientation(np.empty(images[0].shape, dtype=np.uint8), forward).shape
-    if geometry.slice_shape is not None and tuple(shape[:2]) != tuple(geometry.slice_shape):
-        raise CaseError(f"{case.case_id}: slices of {shape[0]}x{shape[1]} voxels, the model was trained on "
-                        f"{geometry.slice_shape[0]}x{geometry.slice_shape[1]}")
+    geometry.check(case.case_id, orientations.apply_orientation(np.empty(images[0].shape, dtype=np.uint8), forward).shape)
     try:
         volumes = np.stack([orientations.apply_orientation(np.asanyarray(image.dataobj), forward) for image in images])
         truth = None
@@ -121,14 +138,15 @@ def read_case(case: Case, channels: Sequence[str], geometry: Geometry, label4: s
         raise CaseError(f"{case.case_id}: unreadable voxel data ({error})") from None
     if volumes.dtype.kind == "f" and not np.isfinite(volumes).all():
         raise CaseError(f"{case.case_id}: NaN or infinite voxels in the input volumes")
-    return CaseVolumes(case.case_id, volumes, truth, tuple(spacing), images[0], back)  # type: ignore[arg-type]
+    return CaseVolumes(case.case_id, volumes, truth, tuple(spacing), images[0], back,  # type: ignore[arg-type]
+                       case.legacy_naming)
 
 
 @dataclass(frozen=True)
 class Segmentation:
-    """A model's class probabilities over a volume, and what the pass cost."""
+    """A model's probabilities (``trainer.tasks``) over a volume, and what the pass cost."""
 
-    probabilities: np.ndarray  # (classes, X, Y, Z) float16
+    probabilities: np.ndarray  # (outputs, X, Y, Z) float16
     brain_slices: int
     seconds: float
 
@@ -137,54 +155,102 @@ class Segmentation:
         return self.brain_slices / self.seconds if self.seconds > 0 else float("inf")
 
 
+#: Test-time augmentation: each slice also mirrored along one, the other and both of its in-plane axes.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
+def context_stack(stack: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
+    """Network inputs for slices ``indices`` of a (C, H, W, S) stack: (len(indices), C * (2K + 1), H, W), each
+    channel's slices from ``-context`` to ``+context`` in order, zeros beyond the volume's edges: the rule the
+    builder stores neighbours by (``trainer.data.with_context``)."""
+    offsets = np.arange(-context, context + 1)
+    at = indices[:, None] + offsets[None, :]
+    inside = (at >= 0) & (at < stack.shape[-1])
+    gathered = stack[..., np.clip(at, 0, stack.shape[-1] - 1)] * inside  # (C, H, W, n, 2K + 1)
+    return np.ascontiguousarray(gathered.transpose(3, 0, 4, 1, 2)).reshape(len(indices), -1, *stack.shape[1:3])
+
+
+def brain_box(brain: np.ndarray) -> tuple[slice, slice]:
+    """The in-plane box holding every brain pixel of a volume's slices ((H, W): any slice's), grown to a multiple
+    of 32 where the slice allows: outside it the network has nothing to see. One box for the whole volume, so that
+    no slice's result depends on another's."""
+    box = []
+    for axis, size in ((1, brain.shape[0]), (0, brain.shape[1])):
+        found = np.flatnonzero(brain.any(axis))
+        start, length = int(found[0]), int(found[-1]) + 1 - int(found[0])
+        wanted = min(size, length + (-length % 32))
+        start = max(0, min(start - (wanted - length) // 2, size - wanted))
+        box.append(slice(start, start + wanted))
+    return box[0], box[1]
+
+
+def empty_probabilities(task: str) -> np.ndarray:
+    """(outputs,) probabilities that say "background" for certain, where the network does not look."""
+    return encode(torch.zeros((1, 1), dtype=torch.long), task)[0, :, 0].numpy()
+
+
 def segment(model: torch.nn.Module, config: FitConfig, images: np.ndarray, device: torch.device,
-            batch_size: int = 32, progress: bool = True) -> Segmentation:
-    """Class probabilities for a (C, X, Y, Z) stack, slice by slice; slices with no brain skip the network."""
+            batch_size: int = 16, progress: bool = True, tta: bool = False, box: bool = True) -> Segmentation:
+    """The task's probabilities for a (C, X, Y, Z) stack, slice by slice in the run's plane, each slice with the
+    run's ``context`` neighbours. Slices with no brain skip the network, which sees only the brain's bounding box
+    (padded to a multiple of 32: about half of a BraTS slice; ``box=False``: whole slices, the previous
+    release's pass, which benchmarks compare against). With ``tta``, probabilities are averaged over the slice and
+    its mirror images along its in-plane axes (``TTA_FLIPS``: four passes)."""
     started = time.perf_counter()
-    _, x, y, z = images.shape
-    brain = np.flatnonzero(images.reshape(-1, z).any(axis=0))
-    probabilities = np.zeros((config.classes, x, y, z), dtype=np.float16)
-    probabilities[0] = 1  # background wherever the network does not look
-    batches = Batches(config, (x, y), device)
-    with torch.no_grad(), autocast_context(device, autocast_dtype(device, config.amp)), \
-            tqdm(total=len(brain), unit="slice", disable=None if progress else True, leave=False) as bar:
-        for start in range(0, len(brain), batch_size):
-            zs = brain[start : start + batch_size]
-            stack = torch.from_numpy(np.ascontiguousarray(np.moveaxis(images[..., zs], -1, 0)))
-            inputs, target = batches.inputs(stack, torch.zeros(len(zs), x, y, dtype=torch.uint8))
-            softmax = batches.crop(model(inputs), target).float().softmax(1).half().cpu().numpy()
-            probabilities[..., zs] = np.moveaxis(softmax, 0, -1)
-            bar.update(len(zs))
-    return Segmentation(probabilities, len(brain), time.perf_counter() - started)
+    stack = np.moveaxis(images, 1 + config.slice_axis, -1)  # (C, H, W, S): slices along the run's axis
+    brain = stack.any(axis=0)
+    slices = np.flatnonzero(brain.any(axis=(0, 1)))
+    out = np.empty((config.classes, *stack.shape[1:]), dtype=np.float16)
+    out[:] = empty_probabilities(config.task)[:, None, None, None]
+    flips = TTA_FLIPS if tta else TTA_FLIPS[:1]
+    if slices.size:
+        rows, cols = brain_box(brain.any(axis=2)) if box else (slice(None), slice(None))
+        cropped = stack[:, rows, cols]
+        batches = Batches(config, cropped.shape[1:3], device)
+        starts = range(0, len(slices), batch_size)
+        with torch.no_grad(), autocast_context(device, autocast_dtype(device, config.amp)):
+            for start in Progress(starts, f"{len(slices)} {config.plane} slices", unit="batch", show=progress,
+                                  leave=False):
+                zs = slices[start : start + batch_size]
+                stored = torch.from_numpy(context_stack(cropped, zs, config.context))
+                no_labels = torch.zeros((len(zs), *stored.shape[-2:]), dtype=torch.uint8)
+
+                def mirrored(dims: tuple[int, ...]) -> torch.Tensor:
+                    inputs, target = batches.inputs(stored.flip(dims) if dims else stored, no_labels)
+                    probs = probabilities(batches.crop(model(inputs), target).float(), config.task)
+                    return probs.flip(dims) if dims else probs
+
+                mean = sum(mirrored(dims) for dims in flips) / len(flips)
+                out[:, rows, cols, zs] = mean.half().cpu().numpy().transpose(1, 2, 3, 0)
+    return Segmentation(np.moveaxis(out, -1, 1 + config.slice_axis), len(slices), time.perf_counter() - started)
 
 
-def labels_of(classes: np.ndarray, task: str) -> np.ndarray:
-    """BraTS label values from class indices (binary models write BINARY_LABEL for tumour)."""
-    labels = np.asarray(classes).astype(np.uint8)
-    return labels if task == "multiclass" else labels * BINARY_LABEL
+def labels_of(probs: np.ndarray, task: str) -> np.ndarray:
+    """BraTS label values (uint8) from a volume's (outputs, X, Y, Z) probabilities (binary models write
+    BINARY_LABEL for tumour)."""
+    labels = classes(torch.from_numpy(probs)[None], task)[0].numpy().astype(np.uint8)
+    return labels if task != "binary" else labels * BINARY_LABEL
 
 
-def write_labels(labels: np.ndarray, case: CaseVolumes, path: Path) -> None:
-    """``labels`` (training orientation) as a uint8 NIfTI in the case's own space; atomic, nothing partial left."""
+def write_labels(labels: np.ndarray, case: CaseVolumes, path: Path, et_label: int = 3) -> None:
+    """``labels`` (training orientation) as a uint8 NIfTI in the case's own space, enhancing tumour written as
+    ``et_label`` (4 in the 2018-2021 convention); atomic, nothing partial left."""
     nib = nibabel()
     header = case.reference.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
+    written = case.in_input_space(labels)
+    if et_label != 3:
+        written = np.where(written == 3, np.uint8(et_label), written)
     with atomic_output(path, suffix=".nii.gz") as partial:  # the suffix tells nibabel to compress
-        nib.save(nib.Nifti1Image(case.in_input_space(labels), case.reference.affine, header), partial)
-
-
-def segment_case(model: torch.nn.Module, config: FitConfig, case: CaseVolumes, device: torch.device,
-                 rule: CleanUp | None, progress: bool = True) -> tuple[np.ndarray, Segmentation]:
-    """Labels of a whole case (training orientation), cleaned up by ``rule`` unless it is None."""
-    result = segment(model, config, case.images, device, progress=progress)
-    labels = labels_of(result.probabilities.argmax(0), config.task)
-    return (labels if rule is None else clean_up(labels, rule)), result
+        nib.save(nib.Nifti1Image(written, case.reference.affine, header), partial)
 
 
 def score(labels: np.ndarray, case: CaseVolumes, task: str) -> dict[str, float]:
-    """The whole-volume scores of ``trainer.scoring`` and how long they took."""
+    """The whole-volume scores of ``trainer.scoring`` and how long they took, computed in the case's own voxel
+    order and spacing, as the challenge's code computes them on the files."""
     started = time.perf_counter()
     assert case.truth is not None
-    scores = score_case(labels, case.truth, case.spacing, region_names(task))
+    scores = score_case(case.in_input_space(labels), case.in_input_space(case.truth), case.input_spacing,
+                        region_names(task))
     return {**scores, "score_seconds": round(time.perf_counter() - started, 3)}
