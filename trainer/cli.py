@@ -339,6 +339,41 @@ def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume
                 rule=clean_rule(clean), tta=tta)
 
 
+@main.command(name="cross-validate")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2, MAX_FOLDS),
+              help="Folds over the train and val patients (stable keyed ranks; the test patients never enter).")
+@click.option("--modality", "-m", type=click.Choice(MODALITY_CHOICES, case_sensitive=False), default="all",
+              show_default=True)
+@fit_options
+@click.option("--out", default=Path("runs/cv"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--reuse", is_flag=True, help="Keep fold runs already finished in --out instead of training them again.")
+@click.option("--volumes", "volumes_dir", default=None, type=click.Path(path_type=Path),
+              help="The BraTS folder the artifact was built from: segment every patient with the fold run that held "
+                   "it out and score the out-of-fold predictions (oof_volumes.csv/.json, oof.md).")
+@click.option("--tta/--no-tta", default=False, show_default=True,
+              help="With --volumes: test-time mirroring along both in-plane axes (4 passes per slice).")
+@click.option("--choose-clean-up", "choose", is_flag=True,
+              help="With --volumes: choose the clean-up on the out-of-fold predictions (each fold scored with the "
+                   "rule chosen on the others; every fold run stores the rule chosen on all of them).")
+@clean_up_option
+@one_line_errors
+def cross_validate_command(data: Path, folds: int, modality: str, out: Path, reuse: bool, volumes_dir: Path | None,
+                           tta: bool, choose: bool, clean: bool, **options: Any) -> None:
+    """Train all K fold runs of DATA (OUT/fold-0 ... fold-K-1), each validating on its held-out patients, and score
+    the out-of-fold predictions on whole volumes: one table of every train and val patient, each segmented by the
+    run that never saw it. The fold runs then form an ensemble: `brats-train predict OUT CASES --out DIR`."""
+    from trainer.crossval import cross_validate
+
+    report = cross_validate(make_config(data, modality, out, **options), folds, out, reuse, volumes_dir, tta, choose,
+                            clean)
+    if "metrics" in report:
+        click.echo(f"{report['patients_scored']} out-of-fold patients: {format_scores(report['metrics'])}")
+        click.echo(f"wrote {out / 'oof.md'}, {out / 'oof_volumes.csv'} and {out / 'oof_volumes.json'}")
+    else:
+        click.echo(f"trained {len(report['runs'])} fold runs in {out}")
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))

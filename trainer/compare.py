@@ -20,11 +20,11 @@ from trainer.data import Artifact
 from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, evaluate_rows, per_case, scorable
 from trainer.fusion import mean_probabilities, vote
 from trainer.metrics import SegmentationMetrics
-from trainer.model import load_model, read_checkpoint
+from trainer.model import load_model
 from trainer.reports import write_csv, write_json, write_text
 from trainer.statistics import INTERVAL, MIN_PATIENTS, NO_INTERVAL, bootstrap_interval, paired_difference
 from trainer.tasks import classes, encode, label_classes
-from trainer.train import fit
+from trainer.train import fit_each
 from trainer.volumes import Geometry, labels_of, read_case, score, segment
 
 APPROACHES = (*MODALITIES, "all")
@@ -45,24 +45,6 @@ class Outcome:
     parameters: int | None = None
     train_seconds: float | None = None
     best_val_dice: float | None = None
-
-
-def train_all(base: FitConfig, artifact: Artifact, out: Path, reuse: bool) -> dict[str, Path]:
-    """Train (or, with ``reuse``, keep the finished) run for each approach in ``out/<approach>``; a run kept must
-    have trained on ``artifact`` itself, checked before anything is trained."""
-    runs = {}
-    for approach in APPROACHES:
-        run_dir = out / approach
-        if (run_dir / "best.pt").is_file() and reuse:
-            saved = read_checkpoint(run_dir / "best.pt")["config"]
-            artifact.check_identity(saved.get("data_id"), saved.get("data_sha256"))
-            print(f"reusing {run_dir}", flush=True)
-        elif run_dir.exists() and any(run_dir.iterdir()):
-            raise FitError(f"{run_dir} exists: pass --reuse to keep finished runs, or choose another --out")
-        else:
-            fit(replace(base, modality=approach, name=approach), run_dir=run_dir)
-        runs[approach] = run_dir
-    return runs
 
 
 def _predict(run_dir: Path, artifact: Artifact, rows: np.ndarray, device: torch.device, workers: int) -> tuple:
@@ -102,7 +84,8 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, v
     artifact.rows_of("val")
     rows = artifact.rows_of("test")
     started = time.perf_counter()
-    runs = train_all(base, artifact, out, reuse)
+    runs = fit_each({approach: replace(base, modality=approach, name=approach) for approach in APPROACHES}, artifact,
+                    out, reuse)
     device = resolve_device(base.device)
     with h5py.File(artifact.path, "r") as f:
         seg = np.stack([f["seg"][int(r)] for r in rows])

@@ -139,6 +139,31 @@ def fit(config: FitConfig, resume: Path | None = None, run_dir: Path | None = No
         shutdown(world)
 
 
+def fit_each(configs: dict[str, FitConfig], artifact: Artifact, out: Path, reuse: bool) -> dict[str, Path]:
+    """Train each configuration into ``out/<name>`` (or, with ``reuse``, keep a finished run there); a run kept must
+    have trained on ``artifact`` itself and as asked (the same folds), checked before anything is trained."""
+    runs = {}
+    for name, config in configs.items():
+        run_dir = out / name
+        if (run_dir / "best.pt").is_file() and reuse:
+            saved = read_checkpoint(run_dir / "best.pt")["config"]
+            artifact.check_identity(saved.get("data_id"), saved.get("data_sha256"))
+            if (saved.get("folds"), saved.get("fold")) != (config.folds, config.fold):
+                raise FitError(f"{run_dir}: trained on fold {saved.get('fold')} of {saved.get('folds')}, not fold "
+                               f"{config.fold} of {config.folds}; choose another --out")
+            print(f"reusing {run_dir}", flush=True)
+        elif run_dir.exists() and any(run_dir.iterdir()):
+            if reuse:
+                raise FitError(f"{run_dir}: an unfinished run; resume it (brats-train fit --resume {run_dir}) or "
+                               "delete it, then run this again")
+            raise FitError(f"{run_dir} exists: pass --reuse to keep finished runs, or choose another --out")
+        runs[name] = run_dir
+    for name, config in configs.items():
+        if not (runs[name] / "best.pt").is_file():
+            fit(config, run_dir=runs[name])
+    return runs
+
+
 def _bind_to_data(config: FitConfig, artifact: Artifact, device: torch.device, world: World,
                   resume: Path | None) -> FitConfig:
     """The configuration completed from the artifact (geometry, identity, default batch size); a resumed run must

@@ -1,0 +1,242 @@
+"""The workflow nnU-Net, MONAI and Lightning users expect: folds and out-of-fold scores, folders in and out, re-runs
+from a config, resumes that extend, logs to watch, exports, and runs that are cheap to keep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from builder.layout import patient_of
+from builder.split import fold_of
+from trainer.cli import main
+from trainer.data import Artifact
+
+from conftest import FAST, cut_down, one_error_line
+
+
+def _train(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- folds ----------------------------------------------------------------------------------------------------------
+
+def test_folds_split_the_train_and_val_patients_and_never_the_test_ones(small_artifact: Path) -> None:
+    artifact = Artifact.open(small_artifact)
+    pool = set(artifact.cases_of("train")) | set(artifact.cases_of("val"))
+    held = [set(artifact.with_folds(2, k).cases_of("val")) for k in range(2)]
+    assert held[0] | held[1] == pool and not held[0] & held[1]
+    for k in range(2):
+        fold = artifact.with_folds(2, k)
+        assert set(fold.cases_of("train")) == pool - held[k]
+        assert fold.cases_of("test") == artifact.cases_of("test")
+    seed = int(artifact.provenance["seed"])
+    assert all(fold_of(patient_of(c), seed, 2) == k for k in range(2) for c in held[k])  # a patient's own rank
+
+
+def test_a_fold_out_of_range_is_one_line(small_artifact: Path, tmp_path: Path) -> None:
+    line = one_error_line(CliRunner().invoke(main, ["fit", str(small_artifact), "-m", "all", "--out", str(tmp_path),
+                                                    *FAST, "--folds", "2", "--fold", "2"]))
+    assert "--fold 2" in line and "0 to 1" in line and list(tmp_path.iterdir()) == []
+
+
+def test_cross_validation_scores_out_of_fold_and_its_runs_ensemble(small_artifact: Path, small_cases: Path,
+                                                                    tmp_path: Path) -> None:
+    out = tmp_path / "cv"
+    result = _train("cross-validate", small_artifact, "--folds", "2", "--out", out, *FAST, "--epochs", "1",
+                    "--max-steps", "2", "--volumes", small_cases, "--choose-clean-up")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "oof_volumes.csv")))
+    artifact = Artifact.open(small_artifact)
+    assert sorted(r["case_id"] for r in rows) == sorted(artifact.cases_of("train") + artifact.cases_of("val"))
+    for k in range(2):  # each patient scored from the run that held it out
+        held = set(artifact.with_folds(2, k).cases_of("val"))
+        assert {r["case_id"] for r in rows if r["fold"] == str(k)} == held
+        choice = json.loads((out / f"fold-{k}" / "clean_up.json").read_text())
+        assert choice["chosen_on"] == "the out-of-fold predictions of 2 folds: 9 patients"
+        assert not (out / f"fold-{k}" / "last.pt").exists()  # finished runs keep best.pt only
+    assert (out / "oof" / f"{rows[0]['case_id']}.npz").is_file() and "Out-of-fold" in (out / "oof.md").read_text()
+    test_case = artifact.cases_of("test")[0]
+    predicted = _train("predict", out, small_cases / test_case, "--out", tmp_path / "pred", "--device", "cpu")
+    assert predicted.exit_code == 0 and "fold-0 (axial, context 0), fold-1 (axial, context 0)" in predicted.output
+    scored = _train("evaluate", out / "fold-0", "--volumes", small_cases, "--ensemble", out / "fold-1",
+                    "--split", "val", "--device", "cpu")  # fold 1 trained on fold 0's held-out patients
+    assert "trained on" in one_error_line(scored) and "must not have seen them" in scored.output
+
+
+# --- folders in, folders out ---------------------------------------------------------------------------------------
+
+def test_predict_takes_folders_and_writes_names_that_never_collide(small_run: Path, small_cases: Path,
+                                                                    tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    for case in sorted(small_cases.iterdir())[:2]:
+        shutil.copytree(case, inputs / case.name)
+    out = tmp_path / "out"
+    first = _train("predict", small_run, inputs, "--out", out, "--device", "cpu", "--save-probabilities")
+    assert first.exit_code == 0, first.output
+    for case in sorted(inputs.iterdir()):
+        mask = nib.load(out / f"{case.name}.nii.gz")
+        assert mask.shape == nib.load(next(case.glob("*-t1n.nii.gz"))).shape
+        saved = np.load(out / f"{case.name}.npz")
+        probabilities = saved["probabilities"]
+        assert probabilities.dtype == np.float16 and probabilities.shape == (4, *mask.shape)
+        assert list(saved["outputs"]) == ["background", "NCR", "ED", "ET"]
+        assert np.array_equal(saved["affine"], mask.affine)
+        np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1, atol=0.01)
+    assert not list(out.glob("*seg*"))
+    again = _train("predict", small_run, inputs, "--out", out, "--device", "cpu")
+    assert again.exit_code == 0 and again.output.count("exists (--overwrite") == 2
+    redone = _train("predict", small_run, inputs, "--out", out, "--device", "cpu", "--overwrite")
+    assert redone.exit_code == 0 and redone.output.count(": wrote ") == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no BraTS case folder" in one_error_line(CliRunner().invoke(
+        main, ["predict", str(small_run), str(empty), "--out", str(out), "--device", "cpu"]))
+
+
+def test_predicted_enhancing_tumour_follows_the_input_naming(small_run: Path, tmp_path: Path) -> None:
+    from builder.layout import find_cases
+    from builder.synth import write_case
+    from trainer.predict import et_label
+    from trainer.volumes import Geometry, read_case, write_labels
+
+    full = tmp_path / "full"
+    write_case(full, 3, seed=0, layout="brats2021")  # a 2021 naming: its challenge expects ET as 4
+    legacy = cut_down(full / "BraTS2021_00003", tmp_path / "legacy")
+    (case,) = find_cases(legacy)
+    volumes = read_case(case, ["t1n"], Geometry())
+    labels = np.zeros(volumes.images.shape[1:], np.uint8)
+    labels[10:20, 10:20, 5:10], labels[30:40, 30:40, 5:10], labels[50:60, 50:60, 5:10] = 1, 2, 3
+    assert et_label("auto", volumes) == 4 and et_label("brats2023", volumes) == 3
+    write_labels(labels, volumes, tmp_path / "mask.nii.gz", et_label("auto", volumes))
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "mask.nii.gz").dataobj),
+                                  np.where(labels == 3, 4, labels))
+    out = tmp_path / "out"  # and through the command, both conventions
+    assert _train("predict", small_run, legacy, "--out", out, "--device", "cpu", "--no-clean-up").exit_code == 0
+    written = np.asanyarray(nib.load(out / "BraTS2021_00003.nii.gz").dataobj)
+    assert _train("predict", small_run, legacy, "--out", tmp_path / "as2023", "--device", "cpu", "--no-clean-up",
+                  "--labels", "brats2023").exit_code == 0
+    as2023 = np.asanyarray(nib.load(tmp_path / "as2023" / "BraTS2021_00003.nii.gz").dataobj)
+    assert set(np.unique(written)) <= {0, 1, 2, 4} and set(np.unique(as2023)) <= {0, 1, 2, 3}
+    np.testing.assert_array_equal(np.where(as2023 == 3, 4, as2023), written)
+
+
+# --- re-runs --------------------------------------------------------------------------------------------------------
+
+def test_resume_extends_a_finished_run_to_what_a_longer_run_gives(small_artifact: Path, tmp_path: Path) -> None:
+    options = ["-m", "t1c", *FAST, "--patience", "9"]
+    assert _train("fit", small_artifact, "--out", tmp_path / "three", *options, "--epochs", "3").exit_code == 0
+    assert _train("fit", small_artifact, "--out", tmp_path / "two", *options, "--epochs", "2",
+                  "--keep-last").exit_code == 0
+    (three,), (two,) = (tmp_path / "three").iterdir(), (tmp_path / "two").iterdir()
+    refused = CliRunner().invoke(main, ["fit", "--resume", str(two), "--lr", "0.01"])
+    line = one_error_line(refused)
+    assert "--lr 0.01" in line and "lr 0.001" in line and "--config" in line
+    extended = _train("fit", "--resume", two, "--epochs", "3")
+    assert extended.exit_code == 0, extended.output
+    rows_three, rows_two = _metrics(three), _metrics(two)
+    assert [r["epoch"] for r in rows_two] == ["0", "1", "2"]  # integers stay integers across resumes
+    for a, b in zip(rows_three, rows_two):
+        for key in ("train_loss", "val_loss", "val_dice_mean"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
+    rerun = _train("fit", "--config", three / "config.json", "--out", tmp_path / "again")
+    assert rerun.exit_code == 0, rerun.output
+    (again,) = (tmp_path / "again").iterdir()
+    assert [r["val_dice_mean"] for r in _metrics(again)] == [r["val_dice_mean"] for r in rows_three]
+    config = json.loads((again / "config.json").read_text())
+    assert Path(config["data"]).is_absolute() and config["data"] == str(small_artifact.resolve())
+
+
+def test_configs_from_elsewhere_are_one_line(small_run: Path, tmp_path: Path) -> None:
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**json.loads((small_run / "config.json").read_text()), "config_version": 99}))
+    assert "version 99" in one_error_line(CliRunner().invoke(main, ["fit", "--config", str(newer)]))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"approach": "t1n"}))
+    assert "not a brats2d run configuration" in one_error_line(CliRunner().invoke(main, ["fit", "--config", str(other)]))
+
+
+# --- watching a run -------------------------------------------------------------------------------------------------
+
+def test_log_quiet_tensorboard_and_version(small_artifact: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = _train("fit", small_artifact, "-m", "t2f", "--out", tmp_path, *FAST, "--epochs", "2", "--quiet",
+                    "--tensorboard")
+    assert result.exit_code == 0 and result.output.strip().splitlines() == [f"run folder: {next(tmp_path.iterdir())}"]
+    (run,) = tmp_path.iterdir()
+    log = (run / "log.txt").read_text()
+    assert "epoch 1:" in log and "epoch 2:" in log and "run " in log
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("val/dice_mean")] == pytest.approx(
+        [float(r["val_dice_mean"]) for r in _metrics(run)])
+    assert events.Tags()["images"] == ["samples"]
+    from builder.cli import main as build_main
+
+    for cli, name in ((main, "brats-train"), (build_main, "brats-build")):
+        version = CliRunner().invoke(cli, ["--version"])
+        assert version.exit_code == 0 and name in version.output and "0.2.0" in version.output
+
+
+def test_progress_lines_outside_a_terminal(small_cases: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from builder import progress
+    from builder.build import BuildOptions, build
+
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)  # a line for every step: as one every 30 s on long work
+    build(small_cases, tmp_path / "x.h5", BuildOptions(jobs=1, val_fraction=0.25, test_fraction=0.25))
+    lines = capsys.readouterr().err.splitlines()
+    assert "slices: 12/12 case in" in "\n".join(lines) and sum(line.startswith("slices: ") for line in lines) >= 12
+
+
+# --- exports --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_model_gives_the_checkpoints_outputs(small_run: Path, tmp_path: Path, fmt: str) -> None:
+    from trainer.model import load_model
+
+    out = tmp_path / f"model.{fmt}"
+    result = _train("export", small_run, "--format", fmt, "--out", out)
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["input"]["channels"] == ["t1n", "t1c", "t2w", "t2f"] and sidecar["task"] == "multiclass"
+    model, _ = load_model(small_run / "best.pt")
+    slices = torch.randn(2, 4, 96, 64)
+    with torch.no_grad():
+        expected = model(slices).numpy()
+    if fmt == "torchscript":
+        got = torch.jit.load(str(out))(slices).detach().numpy()
+    else:
+        onnxruntime = pytest.importorskip("onnxruntime")
+        got = onnxruntime.InferenceSession(str(out)).run(None, {"slices": slices.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_export_without_its_extra_is_one_line(small_run: Path, tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name == "onnx":
+            raise ImportError("No module named 'onnx'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    line = one_error_line(CliRunner().invoke(main, ["export", str(small_run), "--format", "onnx", "--out",
+                                                    str(tmp_path / "m.onnx")]))
+    assert "pip install 'brats2d[export]'" in line and not list(tmp_path.iterdir())

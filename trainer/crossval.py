@@ -1,0 +1,133 @@
+"""Cross-validation, as nnU-Net users know it: K fold runs over the train and val patients (the test patients never
+enter), their out-of-fold predictions on whole volumes, one table of out-of-fold scores, and the clean-up chosen on
+out-of-fold predictions. The fold runs form an ensemble for test patients and new cases (``predict OUT ...`` or
+``evaluate OUT/fold-0 --ensemble OUT``).
+
+    OUT/fold-<k>/            each fold's run (val split = the fold's held-out patients)
+    OUT/oof/<case-id>.npz    each patient's raw out-of-fold labels, as predicted by the run that never saw it
+    OUT/oof_volumes.csv      a row per patient: its scores, its fold, the clean-up it was scored with
+    OUT/oof_volumes.json     means over patients with 95% intervals, and what was chosen
+    OUT/oof.md               the table
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from builder.progress import Progress
+from trainer.cleanup import DEFAULT_CLEAN_UP, CleanUp, CleanUpTrial, clean_up, save_choice
+from trainer.config import FitConfig, FitError, resolve_device
+from trainer.ensemble import Segmenter
+from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, scorable
+from trainer.metrics import region_names
+from trainer.pipeline import open_artifact
+from trainer.reports import atomic_output, write_csv, write_json, write_text
+from trainer.scoring import score_case
+from trainer.statistics import INTERVAL, MIN_PATIENTS
+from trainer.train import fit_each
+
+
+def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, volumes_dir: Path | None = None,
+                   tta: bool = False, choose: bool = False, clean: bool = True) -> dict[str, Any]:
+    """Train (or keep, with ``reuse``) the ``folds`` fold runs of ``base`` in ``out``; with ``volumes_dir``, segment
+    every patient with the run that held it out, score the out-of-fold predictions and (``choose``) choose the
+    clean-up on them: each fold is scored with the rule chosen on the other folds' patients, and every fold run
+    stores the rule chosen on all of them (for test patients and new cases)."""
+    if choose and volumes_dir is None:
+        raise FitError("--choose-clean-up chooses on out-of-fold predictions of whole volumes: give --volumes DIR")
+    configs = {f"fold-{k}": replace(base, folds=folds, fold=k, name=f"fold-{k}") for k in range(folds)}
+    artifact = open_artifact(configs["fold-0"])  # checks the folds: none may be empty
+    for config in list(configs.values())[1:]:
+        open_artifact(config)
+    runs = fit_each(configs, artifact, out, reuse)
+    if volumes_dir is None:
+        return {"runs": [str(run) for run in runs.values()]}
+    device = resolve_device(base.device)
+    regions = region_names(base.task)
+    trial = CleanUpTrial(regions) if choose else None
+    predicted: list[dict[str, Any]] = []  # per patient: fold, case, where its raw labels are
+    skipped: list[dict[str, str]] = []
+    for k, run_dir in enumerate(runs.values()):
+        segmenter = Segmenter.load([run_dir], "best.pt", device, tta, clean=False)
+        held_out = open_artifact(segmenter.config).cases_of("val")
+        cases, missing = cases_for(volumes_dir, held_out)
+        skipped += missing
+        for volumes in scorable(cases, segmenter.read, skipped, f"fold {k} held-out volumes"):
+            raw, _, run = segmenter.segment(volumes, device, progress=False)
+            labels, truth = volumes.in_input_space(raw), volumes.in_input_space(volumes.truth)
+            path = out / "oof" / f"{volumes.case_id}.npz"
+            path.parent.mkdir(exist_ok=True)
+            with atomic_output(path, suffix=".npz") as partial:
+                np.savez_compressed(partial, labels=labels, truth=truth, spacing=volumes.input_spacing)
+            if trial is not None:
+                trial.add(volumes.case_id, labels, truth, volumes.input_spacing)
+            predicted.append({"fold": k, "case_id": volumes.case_id, "path": path, "seconds": run.seconds})
+    if not predicted:
+        raise FitError(f"{volumes_dir}: no held-out patient could be segmented (first problem: "
+                       f"{skipped[0]['reason'] if skipped else 'none found'})")
+    rules = _rules(trial, predicted, folds, clean)
+    results = VolumeResults(skipped=skipped)
+    for item in Progress(predicted, "scoring out-of-fold volumes", unit="case"):
+        saved = np.load(item["path"])
+        rule = rules[item["fold"]]
+        labels = saved["labels"] if rule is None else clean_up(saved["labels"], rule)
+        scores = score_case(labels, saved["truth"], tuple(saved["spacing"]), regions)
+        results.rows.append({"case_id": item["case_id"], "fold": item["fold"],
+                             "clean_up": "none" if rule is None else rule.describe(),
+                             "predict_seconds": round(item["seconds"], 3), **scores})
+    stored = None
+    if trial is not None:
+        for run_dir in runs.values():
+            stored = save_choice(run_dir, trial, f"the out-of-fold predictions of {folds} folds: "
+                                 f"{len(trial.scores)} patients", members=[str(run_dir)], tta=tta)
+    report = {"folds": folds, "runs": [str(run) for run in runs.values()], "volumes": str(volumes_dir),
+              "patients_scored": len(results.rows), "test_time_mirroring": tta,
+              "clean_up": ("chosen per fold on the other folds' out-of-fold predictions" if trial is not None
+                           else "none" if not clean else f"the default: {DEFAULT_CLEAN_UP.describe()}"),
+              "clean_up_stored": stored.describe() if stored is not None else None,
+              "definition": VOLUME_DEFINITION, "metrics": results.summary(), "skipped": skipped}
+    write_csv(out / "oof_volumes.csv", results.rows)
+    write_json(out / "oof_volumes.json", report)
+    write_text(out / "oof.md", _table(report, regions))
+    return report
+
+
+def _rules(trial: CleanUpTrial | None, predicted: list[dict[str, Any]], folds: int, clean: bool
+           ) -> dict[int, CleanUp | None]:
+    """The clean-up each fold is scored with: chosen on the other folds' patients (never on its own), else the
+    default (or none)."""
+    if trial is None:
+        return {k: DEFAULT_CLEAN_UP if clean else None for k in range(folds)}
+    chosen = {}
+    for k in range(folds):
+        others = CleanUpTrial(trial.regions, trial.rules,
+                              {p["case_id"]: trial.scores[p["case_id"]] for p in predicted if p["fold"] != k})
+        chosen[k] = others.best()[0] if others.scores else DEFAULT_CLEAN_UP
+    return chosen
+
+
+def _table(report: dict[str, Any], regions: tuple[str, ...]) -> str:
+    metrics = report["metrics"]
+
+    def cell(key: str, digits: int = 3) -> str:
+        m = metrics[key]
+        interval = "" if m["ci_low"] is None else f" [{m['ci_low']:.{digits}f}, {m['ci_high']:.{digits}f}]"
+        return f"{m['mean']:.{digits}f}{interval}"
+
+    lines = [f"# Out-of-fold whole-volume scores ({report['folds']} folds, {report['patients_scored']} patients)", "",
+             "| region | lesion-wise Dice | lesion-wise HD95 (mm) | Dice | HD95 (mm) | false lesions per case |",
+             "|---|---|---|---|---|---|"]
+    for region in regions:
+        lines.append(f"| {region} | {cell(f'lesion_dice_{region}')} | {cell(f'lesion_hd95_{region}', 1)} | "
+                     f"{cell(f'dice_{region}')} | {cell(f'hd95_{region}', 1)} | "
+                     f"{metrics[f'lesion_fp_{region}']['mean']:.2f} |")
+    lines += ["", f"Each patient segmented by the fold run that never saw it; clean-up: {report['clean_up']}. "
+              f"Intervals: {INTERVAL} (none below {MIN_PATIENTS} patients). {VOLUME_DEFINITION}."]
+    if report["clean_up_stored"]:
+        lines.append(f"Stored in every fold run for new cases: {report['clean_up_stored']}.")
+    lines += [f"Skipped {s['case_id']}: {s['reason']}" for s in report["skipped"]]
+    return "\n".join(lines) + "\n"
