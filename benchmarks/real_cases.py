@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builder.build import BuildOptions, build  # noqa: E402
 from builder.extract import SliceRule  # noqa: E402
 from builder.layout import find_cases  # noqa: E402
-from trainer.cleanup import DEFAULT_CLEAN_UP, CleanUp, CleanUpTrial, clean_up  # noqa: E402
+from trainer.cleanup import DEFAULT_CLEAN_UP, CleanUpTrial, clean_up  # noqa: E402
 from trainer.config import FitConfig  # noqa: E402
 from trainer.ensemble import Member, Segmenter  # noqa: E402
 from trainer.model import load_model  # noqa: E402

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from builder import __version__
 from builder.extract import CaseHeaders, CaseRows, Skipped, SliceRule, read_case_headers, read_case_rows
 from builder.format import FORMAT_VERSION, MODALITIES, slice_axis
 from builder.layout import Case, find_cases
+from builder.nifti import LIMITS
 from builder.processes import kill_descendants
 from builder.progress import Progress
 from builder.split import split_cases, split_rows
@@ -61,6 +63,7 @@ class BuildSummary:
     skipped: list[Skipped]
     seconds: float
     removed_partials: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what scanning the source met and left alone
 
 
 @contextmanager
@@ -154,8 +157,9 @@ def build(source: Path, out: Path, options: BuildOptions = BuildOptions()) -> Bu
     if out.is_dir():
         raise BuildError(f"{out}: is a folder; give a file name such as {out / 'brats2023.h5'}")
     unreadable: list[tuple[Path, str]] = []
+    notes: list[str] = []
     try:
-        cases = find_cases(source, unreadable)
+        cases = find_cases(source, unreadable, notes)
     except ValueError as error:
         raise BuildError(str(error)) from None
     if not cases and unreadable:
@@ -174,10 +178,32 @@ def build(source: Path, out: Path, options: BuildOptions = BuildOptions()) -> Bu
     try:
         with writer, _removed_on_signal(writer.tmp), parallel_backend(options.backend, options.jobs, options.scheduler):
             summary = _build_into(writer, source, cases, early, options, started)
-    except OSError as error:  # the writer reports every failed write (full disk, quota) as OSError
+    except Exception as error:
+        limit = _limit_reached(error)
+        if limit is not None:
+            raise BuildError(f"{out}: the build ran out of {limit}; the partial file was removed: build again with fewer "
+                             f"--jobs (now {options.jobs}){' or a higher ulimit -n' if limit == 'open files' else ''}"
+                             ) from None
+        if not isinstance(error, OSError):
+            raise
+        # the writer reports every failed write (full disk, quota) as OSError
         raise BuildError(f"{out}: writing failed ({_write_failure(error)}); the partial file was removed and "
                          f"{out.name} is unchanged: free some space (or choose another OUT) and build again") from None
-    return BuildSummary(**{**summary.__dict__, "removed_partials": removed})
+    return BuildSummary(**{**summary.__dict__, "removed_partials": removed, "notes": notes})
+
+
+def _limit_reached(error: BaseException | None) -> str | None:
+    """"memory" or "open files" when ``error`` (or what it was raised from, as joblib's pool wraps the errors of
+    starting workers) is the machine's limit, else None."""
+    for _ in range(8):
+        if error is None:
+            return None
+        if isinstance(error, MemoryError) or getattr(error, "errno", None) == errno.ENOMEM:
+            return "memory"
+        if getattr(error, "errno", None) in LIMITS:
+            return "open files"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _write_failure(error: OSError) -> str:

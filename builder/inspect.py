@@ -9,6 +9,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter the datasets are compressed with)
 import numpy as np
 
+from builder.checks import decoded_attributes, structure_problems
 from builder.format import (
     BACKGROUND,
     CASE_ID,
@@ -52,8 +53,13 @@ def filters_needed(f: h5py.File) -> list[str]:
 
 
 def describe(path: Path) -> str:
-    """A readable summary of an artifact: rows, splits, modalities, provenance, skipped cases."""
+    """A readable summary of an artifact: rows, splits, modalities, provenance, skipped cases (ValueError naming the
+    first problem when the file is not one the format describes)."""
     with h5py.File(path, "r") as f:
+        attributes, problems = decoded_attributes(f)
+        problems += structure_problems(f, attributes) if not problems else []
+        if problems:
+            raise ValueError(problems[0])
         modalities = _attr(f, "modalities") or []
         rows = f[SEG].shape[0]
         lines = [
@@ -110,63 +116,64 @@ def _check_rows(f: h5py.File, name: str, rows: int, case_ids: np.ndarray | None,
 
 
 def verify(path: Path) -> list[str]:
-    """Every problem found in the artifact (empty when it is sound)."""
-    report = Report()
+    """Every problem found in the artifact (empty when it is sound). Never raises: a file too damaged to go on with
+    gives the problems found so far."""
     try:
         f = h5py.File(path, "r")
     except OSError as error:
-        return [f"{path}: not a readable HDF5 file ({error})"]
-    with f:
-        version = _attr(f, "format_version")
-        if not report.check(version in READABLE_VERSIONS, f"format_version {version} is not one of {READABLE_VERSIONS}"):
-            return report.problems
-        for key in f.attrs:
-            try:
-                _attr(f, key)
-            except ValueError as error:  # BadAttribute: out of the format's bounds
-                report.check(False, str(error))
-        modalities = _attr(f, "modalities") or []
-        context = _attr(f, "context") or 0
-        names = [*modalities, SEG]
-        neighbours = [f"{CONTEXT_GROUP}/{m}" for m in modalities] if context else []
-        for name in [*names, *neighbours, CASE_ID, SLICE_INDEX, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)]:
-            report.check(name in f, f"/{name}: missing")
-        if report.problems:
-            return report.problems
-        rows, height, width = f[SEG].shape
-        for name in names + neighbours:
-            shape = (rows, 2 * context, height, width) if name in neighbours else (rows, height, width)
-            report.check(f[name].shape == shape, f"/{name}: shape {f[name].shape} is not {shape}")
-            report.check(f[name].fletcher32, f"/{name}: written without checksums")
-        report.check(f[CASE_ID].shape == (rows,), f"/{CASE_ID}: {f[CASE_ID].shape[0]} entries for {rows} rows")
-        report.check(f[SLICE_INDEX].shape == (rows,), f"/{SLICE_INDEX}: {f[SLICE_INDEX].shape[0]} entries for {rows} rows")
-        if version >= 3:
-            for name in (CASE_ID, SLICE_INDEX, BACKGROUND, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)):
-                report.check(name in f and f[name].fletcher32, f"/{name}: written without checksums")
-        metadata = {name: _read_whole(f, name, report) for name in (CASE_ID, SLICE_INDEX)}
-        splits = {s: _read_whole(f, f"{SPLIT_GROUP}/{s}", report) for s in SPLITS}
-        if any(value is None for value in (*metadata.values(), *splits.values())):
-            return report.problems
-        case_ids = metadata[CASE_ID]
-        if version >= 2 and report.check(BACKGROUND in f, f"/{BACKGROUND}: missing"):
-            background = _read_whole(f, BACKGROUND, report)
-            if background is not None:
-                background = background.astype(bool)
-                report.check(background.shape == (rows,), f"/{BACKGROUND}: {background.shape[0]} entries for {rows} rows")
-                tumour = [row for row in np.flatnonzero(background[:rows]) if f[SEG][int(row)].any()]
-                report.check(not tumour, f"/{BACKGROUND}: rows marked tumour-free hold tumour labels: {tumour[:5]}")
-        problem = split_problem(splits, rows)  # type: ignore[arg-type]
-        report.check(problem is None, f"splits: {problem}")
-        if problem is None:
-            every = np.concatenate(list(splits.values()))  # type: ignore[arg-type]
-            report.check(every.size == rows, f"splits hold {every.size} of the {rows} rows, not every row once")
-            cases = {s: set(case_ids[indices]) for s, indices in splits.items()}  # type: ignore[index]
-            for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-                shared = cases[a] & cases[b]
-                report.check(not shared, f"splits {a} and {b} share cases: {', '.join(sorted(shared)[:3])}")
-        for name in names + neighbours:
-            _check_rows(f, name, rows, case_ids, report)
+        return [f"not a readable HDF5 file ({str(error).splitlines()[0][:100]})"]
+    report = Report()
+    try:
+        with f:
+            _verify(f, report)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as error:  # damage past what the checks foresee
+        report.check(False, f"unreadable past this point ({type(error).__name__}: {str(error).splitlines()[0][:80]})")
     return report.problems
+
+
+def _verify(f: h5py.File, report: Report) -> None:
+    try:  # every object's header, read through HDF5's own checksums (the 1.10 format checks them all)
+        f.visititems(lambda name, item: dict(item.attrs) and None)
+    except (RuntimeError, OSError, KeyError) as error:
+        report.check(False, f"metadata damaged ({str(error).splitlines()[0][:80]})")
+        return
+    attributes, problems = decoded_attributes(f)
+    report.problems += problems
+    if "format_version" not in attributes or attributes["format_version"] not in READABLE_VERSIONS:
+        return
+    report.problems += structure_problems(f, attributes)
+    if report.problems:
+        return
+    version, context = attributes["format_version"], attributes.get("context") or 0
+    names = [*attributes.get("modalities", []), SEG]
+    neighbours = [f"{CONTEXT_GROUP}/{m}" for m in names[:-1]] if context else []
+    rows = f[SEG].shape[0]
+    for name in names + neighbours:
+        report.check(f[name].fletcher32, f"/{name}: written without checksums")
+    if version >= 3:
+        for name in (CASE_ID, SLICE_INDEX, BACKGROUND, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)):
+            report.check(f[name].fletcher32, f"/{name}: written without checksums")
+    metadata = {name: _read_whole(f, name, report) for name in (CASE_ID, SLICE_INDEX)}
+    splits = {s: _read_whole(f, f"{SPLIT_GROUP}/{s}", report) for s in SPLITS}
+    if any(value is None for value in (*metadata.values(), *splits.values())):
+        return
+    case_ids = metadata[CASE_ID]
+    if BACKGROUND in f:
+        background = _read_whole(f, BACKGROUND, report)
+        if background is not None:
+            tumour = [row for row in np.flatnonzero(background.astype(bool)) if f[SEG][int(row)].any()]
+            report.check(not tumour, f"/{BACKGROUND}: rows marked tumour-free hold tumour labels: {tumour[:5]}")
+    problem = split_problem(splits, rows)  # type: ignore[arg-type]
+    report.check(problem is None, f"splits: {problem}")
+    if problem is None:
+        every = np.concatenate(list(splits.values()))  # type: ignore[arg-type]
+        report.check(every.size == rows, f"splits hold {every.size} of the {rows} rows, not every row once")
+        cases = {s: set(case_ids[indices]) for s, indices in splits.items()}  # type: ignore[index]
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = cases[a] & cases[b]
+            report.check(not shared, f"splits {a} and {b} share cases: {', '.join(sorted(shared)[:3])}")
+    for name in names + neighbours:
+        _check_rows(f, name, rows, case_ids, report)
 
 
 def _read_whole(f: h5py.File, name: str, report: Report) -> np.ndarray | None:

@@ -71,18 +71,33 @@ def _as_case(folder: Path, files: list[str]) -> Case | None:
     return None
 
 
-def find_cases(source: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Case]:
+def find_cases(source: Path, unreadable: list[tuple[Path, str]] | None = None,
+               notes: list[str] | None = None) -> list[Case]:
     """Every case folder at or below ``source``, sorted by case id (independent of file-system order).
 
     Folders that cannot be listed (permissions) are appended to ``unreadable`` with the reason, when it is given.
+    Links are followed (datasets are often assembled from links), but never into a folder already scanned: a link
+    back up the tree would otherwise loop for ever; each such link is said once in ``notes``.
     """
     cases: list[Case] = []
+    seen: set[tuple[int, int]] = set()
 
     def note(error: OSError) -> None:
         if unreadable is not None:
             unreadable.append((Path(error.filename), f"folder cannot be read ({error.strerror}): fix its permissions"))
 
     for root, dirs, files in os.walk(source, followlinks=True, onerror=note):
+        try:
+            status = os.stat(root)
+        except OSError:
+            dirs.clear()
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            dirs.clear()
+            if notes is not None:
+                notes.append(f"{root}: a link to a folder already scanned; not scanned again")
+            continue
+        seen.add((status.st_dev, status.st_ino))
         case = _as_case(Path(root), files)
         if case is not None:
             cases.append(case)

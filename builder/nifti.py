@@ -8,6 +8,7 @@ the wanted slices, drop every skipped piece at once, and stop right after the la
 
 from __future__ import annotations
 
+import errno
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,8 +28,40 @@ _READ = 256 * 1024  # compressed bytes fed per call: the decoder copies its unco
 _NIFTI2_HEADER = 540
 
 
+#: Errors that are the machine's limits (open files, memory), never a case's fault.
+LIMITS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
 class NiftiReadError(Exception):
-    """The file is missing, truncated, corrupt or not a 3D NIfTI volume."""
+    """The file is missing, truncated, corrupt or not a 3D NIfTI volume within bounds."""
+
+
+#: Bounds on what a header may declare before any voxel is read (BraTS: 240 x 240 x 155 at 1 mm, 18 MB as int16):
+#: a crafted or broken header (240 x 240 x 32767, a gzip bomb) is refused instead of exhausting memory.
+MAX_DIMENSION = 1024
+MAX_VOLUME_BYTES = 1 << 30
+
+
+def header_problem(header: nib.Nifti1Header) -> str | None:
+    """Why a NIfTI header cannot be read as one volume within bounds, or None: 3D (a trailing axis of 1 allowed),
+    every dimension from 1 to MAX_DIMENSION, voxel sizes positive and finite, and the decoded values (as float64
+    when scaled, as nibabel gives them) within MAX_VOLUME_BYTES."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        return f"expected a 3D volume, got shape {shape}"
+    if not all(1 <= n <= MAX_DIMENSION for n in shape):
+        return f"shape {shape} in the header: every dimension must be 1 to {MAX_DIMENSION} (BraTS is 240x240x155)"
+    zooms = tuple(float(z) for z in header.get_zooms()[:3])
+    if not all(0 < z < float("inf") for z in zooms):
+        return f"voxel size {zooms} mm in the header: not positive and finite; fix its pixdim fields"
+    itemsize = max(header.get_data_dtype().itemsize, 8 if header.get_slope_inter()[0] is not None else 0)
+    decoded = int(np.prod(shape)) * itemsize
+    if decoded > MAX_VOLUME_BYTES:
+        return (f"shape {shape} would decode to {decoded / 2**30:.1f} GiB, over the {MAX_VOLUME_BYTES / 2**30:.0f} GiB "
+                "a volume may take")
+    return None
 
 
 @dataclass(frozen=True)
@@ -69,6 +102,8 @@ class _Stream:
         try:
             self._file = open(path, "rb")
         except OSError as error:
+            if error.errno in LIMITS:  # the machine's limit, not the case's fault: stop the build, do not skip
+                raise
             raise NiftiReadError(f"{path}: cannot be read ({error.strerror}); fix its permissions") from None
         self._decoder = _zlib.decompressobj(31) if path.name.lower().endswith(".gz") else None
         self._pending = b""  # compressed bytes read but not yet decoded
@@ -144,11 +179,10 @@ def _parse_header(stream: _Stream) -> VolumeHeader:
         header = nib.Nifti2Header.from_fileobj(io.BytesIO(block + stream.read(_NIFTI2_HEADER - 348)), check=False)
     else:
         raise NiftiReadError(f"{stream.path}: not a NIfTI file (header size field is {size_le})")
-    shape = tuple(int(n) for n in header.get_data_shape())
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise NiftiReadError(f"{stream.path}: expected a 3D volume, got shape {shape}")
+    problem = header_problem(header)
+    if problem:
+        raise NiftiReadError(f"{stream.path}: {problem}")
+    shape = tuple(int(n) for n in header.get_data_shape())[:3]
     slope, inter = header.get_slope_inter()
     if slope is not None and (slope, inter or 0.0) == (1.0, 0.0):
         slope = inter = None

@@ -32,6 +32,11 @@ COMPRESSIONS: dict[str, tuple[str, dict[str, object], str]] = {
     "none": ("none", {}, "nothing beyond HDF5"),
 }
 DEFAULT_COMPRESSION = "blosc-lz4"
+#: HDF5's 1.10 file format (readers need HDF5 1.10 or later, 2016): its superblock, object headers, attribute heaps
+#: and chunk indexes (extensible arrays) carry checksums, where the 1.8 format's B-trees and heaps carry none; with
+#: fletcher32 on every chunk and every attribute stored in an object header (fixed-length text, no global heap),
+#: every byte a reader uses is checked.
+LIBVER = ("v110", "v110")
 _GROW = 256  # rows added at a time when the datasets fill up
 _CHECKED = {"chunks": True, "fletcher32": True}  # small datasets: checksummed too, so verify catches damage there
 
@@ -46,9 +51,11 @@ class ArtifactWriter:
     def __init__(self, out: Path, compression: str = DEFAULT_COMPRESSION) -> None:
         self.out = out
         self.compression = compression
-        self.tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # hidden, named by the process
+        # hidden, and this writer's own: the pid (which the next build checks before removing a stale one) and a
+        # random part, so that two builds of one OUT never share a partial
+        self.tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
         # Whole chunks are written once: a chunk cache would only grow memory with the row count.
-        self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)  # raises OSError when OUT's folder is not writable
+        self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0, libver=LIBVER)  # OSError: OUT's folder is not writable
         self.rows = 0
         self.case_ids: list[str] = []
         self.slice_index: list[int] = []
@@ -109,7 +116,7 @@ class ArtifactWriter:
             group.create_dataset(name, data=rows.astype(np.int64), maxshape=(None,), **_CHECKED)
         for key, value in {**attrs, "compression": COMPRESSIONS[self.compression][0],
                            DATA_ID: uuid.uuid4().hex}.items():
-            f.attrs[key] = value if isinstance(value, (int, str)) else json.dumps(value)
+            f.attrs.create(key, _attribute(value))
         f.flush()
 
     def __exit__(
@@ -127,6 +134,15 @@ class ArtifactWriter:
                 os.replace(self.tmp, self.out)
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def _attribute(value: object) -> np.ndarray | int:
+    """An attribute as stored: integers as they are, everything else as fixed-length UTF-8 text (JSON for lists and
+    mappings), which HDF5 keeps in the checksummed object header rather than in its unchecked global heap."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    encoded = (value if isinstance(value, str) else json.dumps(value)).encode("utf-8")
+    return np.array(encoded, dtype=h5py.string_dtype("utf-8", max(1, len(encoded))))
 
 
 def _rows_of(case: CaseRows, name: str) -> np.ndarray:
@@ -153,7 +169,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
     cut): each can be gigabytes. Returns what was removed."""
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
-        pid = path.name[len(out.name) + 2 : -len(".partial")]
+        pid = path.name[len(out.name) + 2 : -len(".partial")].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             path.unlink(missing_ok=True)
             removed.append(path)

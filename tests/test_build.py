@@ -58,7 +58,8 @@ def test_layout_of_the_file(artifact: Path) -> None:
         assert f.attrs["cases_scanned"] == f.attrs["cases_written"] == f["seg"].shape[0]
         for key in ("builder_version", "created", "seed", "split_fractions", "slice_rule"):
             assert key in f.attrs
-        assert all(isinstance(v, (str, np.integer)) for v in f.attrs.values())  # JSON and strings, never pickles
+        assert all(isinstance(v, (bytes, np.integer)) for v in f.attrs.values())  # JSON and text, never pickles
+        assert f.id.get_create_plist().get_version()[0] == 3  # superblock v3: HDF5's 1.10 format, checksummed
 
 
 def test_splits_disjoint_by_case_and_covering(artifact: Path) -> None:
@@ -296,7 +297,7 @@ def test_every_tumour_slice_with_a_minimum(cases_dir: Path, tmp_path: Path) -> N
     build(source, out, BuildOptions(jobs=1, rule=SliceRule(per_case=None, min_tumour_voxels=50), progress=False))
     with h5py.File(out) as f:
         cases, slices = f["case_id"].asstr()[()], f["slice_index"][()]
-        assert f.attrs["slices_per_case"] == "all" and f.attrs["min_tumour_voxels"] == 50
+        assert f.attrs["slices_per_case"] == b"all" and f.attrs["min_tumour_voxels"] == 50
     for case in sorted(set(cases)):
         counts = np.count_nonzero(_nib(cases_dir / case, "seg"), axis=(0, 1))
         np.testing.assert_array_equal(slices[cases == case], np.flatnonzero(counts >= 50))

@@ -53,7 +53,7 @@ def test_rows_and_their_neighbours_are_nibabels_slices_along_the_plane(cases_dir
                                     rule=SliceRule(per_case=2, plane=plane, context=2)))
     axis = slice_axis(("L", "P", "S"), plane)
     with h5py.File(out) as f:
-        assert f.attrs["plane"] == plane and f.attrs["slice_axis"] == axis and f.attrs["context"] == 2
+        assert f.attrs["plane"] == plane.encode() and f.attrs["slice_axis"] == axis and f.attrs["context"] == 2
         ids, indices = f["case_id"].asstr()[()], f["slice_index"][()]
         for row, (case_id, index) in enumerate(zip(ids, indices)):
             seg = _volume(source / case_id, "seg")

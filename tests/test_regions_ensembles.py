@@ -23,7 +23,7 @@ from trainer.step import make_loss
 from trainer.tasks import classes, encode, region_targets
 from trainer.volumes import segment
 
-from conftest import FAST, one_error_line
+from conftest import one_error_line
 
 
 def test_region_probabilities_become_nested_labels_as_nnunet_draws_them() -> None:

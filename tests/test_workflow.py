@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import h5py
 import nibabel as nib
 import numpy as np
 import pytest

@@ -36,6 +36,12 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except (ArtifactError, ModelError, FitError, OutputError, ValueError) as error:
             raise click.ClickException(_last_line(error)) from None
+        except (MemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            raise click.ClickException(
+                f"out of memory ({_last_line(error)[:100] or type(error).__name__}): use a smaller --batch-size or "
+                "--crop, --workers 0, or a machine (or memory limit) with more room") from None
         except OSError as error:  # writes become OutputError: what is left is a read, e.g. a failed chunk checksum
             where = f"{error.filename}: " if error.filename else ""
             raise click.ClickException(
@@ -44,6 +50,15 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             ) from None
 
     return run
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says memory ran out: Python's MemoryError, torch's CPU allocator and CUDA out-of-memory
+    errors, or a DataLoader worker killed by the kernel's out-of-memory killer."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(
+        words in text for words in ("out of memory", "can't allocate memory", "cannot allocate memory",
+                                    "killed by signal: killed"))
 
 
 def _last_line(error: BaseException) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from builder.checks import decoded_attributes, structure_problems
 from builder.format import (
     BACKGROUND,
     CASE_ID,
@@ -33,8 +34,6 @@ from builder.format import (
     SLICE_INDEX,
     SPLIT_GROUP,
     SPLITS,
-    BadAttribute,
-    decode_attribute,
     file_sha256,
     split_problem,
 )
@@ -112,25 +111,20 @@ class Artifact:
             version = f.attrs.get("format_version")
             if version is None or SEG not in f or SPLIT_GROUP not in f:
                 raise ArtifactError(f"{path}: not a brats2d artifact (no format_version, /seg or /split)")
-            try:
-                provenance = {key: decode_attribute(f.attrs[key], key) for key in _ATTRIBUTES if key in f.attrs}
-            except BadAttribute as error:
-                raise ArtifactError(f"{path}: {error}; rebuild it with `brats-build build`") from None
-            if provenance["format_version"] not in READABLE_VERSIONS:
+            if not isinstance(version, (int, np.integer)) or int(version) not in READABLE_VERSIONS:
                 raise ArtifactError(
-                    f"{path}: format_version {provenance['format_version']}, this trainer reads "
+                    f"{path}: format_version {str(version)[:20]}, this trainer reads "
                     f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with this version's `brats-build build` "
                     f"(format {FORMAT_VERSION})"
                 )
-            missing = [name for name in (CASE_ID, SLICE_INDEX, *(f"{SPLIT_GROUP}/{s}" for s in SPLITS)) if name not in f]
-            if missing:
-                raise ArtifactError(f"{path}: no /{', /'.join(missing)}; not a complete brats2d artifact, rebuild it")
+            attributes, problems = decoded_attributes(f)  # the checks `brats-build verify` runs, but the rows
+            problems += structure_problems(f, attributes) if not problems else []
+            if problems:
+                raise ArtifactError(f"{path}: {problems[0]}; the file is damaged or was edited: check it with "
+                                    f"`brats-build verify {path}`, or rebuild it")
+            provenance = {key: attributes[key] for key in _ATTRIBUTES if key in attributes}
             rows = f[SEG].shape[0]
             context = int(provenance.get("context") or 0)
-            lacking = [m for m in provenance.get("modalities", []) if context and f"{CONTEXT_GROUP}/{m}" not in f]
-            if lacking:
-                raise ArtifactError(f"{path}: context {context} but no /{CONTEXT_GROUP}/{lacking[0]}; not a complete "
-                                    "brats2d artifact, rebuild it")
             splits = {name: f[SPLIT_GROUP][name][()] for name in SPLITS}
             problem = split_problem(splits, rows)
             if problem:

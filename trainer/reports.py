@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,8 +23,10 @@ class OutputError(Exception):
 @contextmanager
 def atomic_output(path: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a hidden partial path to write; it replaces ``path`` only when the block ends without error, and is
-    removed otherwise. OSErrors (no space, read-only, permissions) become OutputError."""
-    partial = path.with_name(f".{path.name}.partial{suffix}")
+    removed otherwise. The partial's name is this writer's own (pid and a random part): two writers of one output
+    never touch each other's partial, and the last complete write wins whole. OSErrors (no space, read-only,
+    permissions) become OutputError naming the output."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial{suffix}")
     try:
         yield partial
         os.replace(partial, path)

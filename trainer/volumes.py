@@ -98,6 +98,7 @@ class CaseVolumes:
 def read_case(case: Case, channels: Sequence[str], geometry: Geometry, label4: str = "auto") -> CaseVolumes:
     """The case's channels (and seg, if any) reoriented to ``geometry``; CaseError when they cannot match it."""
     nib = nibabel()
+    from builder.nifti import NiftiReadError, read_header  # needs nibabel too
     orientations = nib.orientations
     missing = [case.files[c].name for c in channels if not case.files[c].is_file()]
     if missing:
@@ -110,6 +111,11 @@ def read_case(case: Case, channels: Sequence[str], geometry: Geometry, label4: s
     except Exception as error:  # nibabel raises several types for unreadable headers
         raise CaseError(f"{case.case_id}: unreadable NIfTI ({error})") from None
     every = images + ([seg_image] if seg_image is not None else [])
+    for path in [*paths, case.files[SEG]][: len(every)]:  # the headers as written (nibabel would mend some): bounds
+        try:
+            read_header(path)
+        except NiftiReadError as error:
+            raise CaseError(f"{case.case_id}: {error}") from None
     if len({image.shape for image in every}) != 1 or len(images[0].shape) != 3:
         shapes = ", ".join(f"{p.name} {image.shape}" for p, image in zip([*paths, case.files[SEG]], every))
         raise CaseError(f"{case.case_id}: volumes differ in shape or are not 3D ({shapes})")

@@ -1,0 +1,157 @@
+"""What integrity costs and what it buys, measured side by side in one run with the functions users run.
+
+1. Bit flips: N random single-bit flips in a built file, one flip per copy, half of them anywhere (uniform over its
+   bytes: mostly compressed rows) and half in the bytes outside every data chunk (the metadata: superblock, object
+   headers, attributes, chunk indexes, where an unchecked flip once zeroed rows silently). Each copy is either caught
+   by `brats-build verify` (`builder.inspect.verify`), caught by a reader (HDF5 refuses a read), harmless (verify
+   passes and every dataset and attribute reads as before) or silent (verify passes and something reads
+   differently): the target is zero silent, in the 1.10 format; the 1.8 format is flipped alike for comparison.
+2. The cost of HDF5's checksummed 1.10 format (`builder.writer.LIBVER`) against the 1.8 format it replaced: the
+   same `build` and the rows/s of the trainer's `SliceDataset` on each file (target: within 2%).
+3. The cost of verifying a checkpoint's CRCs (`trainer.model.read_checkpoint`) against a bare `torch.load`.
+
+    python benchmarks/bench_integrity.py [--flips 200] [--cases 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import report, side_by_side, synthetic_cases  # noqa: E402
+
+from builder import writer  # noqa: E402
+from builder.build import BuildOptions, build  # noqa: E402
+from builder.extract import SliceRule  # noqa: E402
+from builder.inspect import verify  # noqa: E402
+
+
+def contents(path: Path) -> dict[str, object]:
+    """Every dataset's values and every attribute, as a reader gets them (an OSError when HDF5 refuses one)."""
+    out: dict[str, object] = {}
+    with h5py.File(path, "r") as f:
+        out.update({f"@{k}": bytes(v) if isinstance(v, bytes) else v for k, v in f.attrs.items()})
+        f.visititems(lambda name, item: out.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+    return out
+
+
+def same(a: dict[str, object], b: dict[str, object]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def metadata_bytes(path: Path) -> np.ndarray:
+    """The offsets of every byte outside the data chunks of every chunked dataset."""
+    inside = np.zeros(path.stat().st_size, dtype=bool)
+    with h5py.File(path, "r") as f:
+        def mark(_: str, item: object) -> None:
+            if isinstance(item, h5py.Dataset) and item.chunks is not None:
+                for i in range(item.id.get_num_chunks()):
+                    chunk = item.id.get_chunk_info(i)
+                    inside[chunk.byte_offset : chunk.byte_offset + chunk.size] = True
+        f.visititems(mark)
+    return np.flatnonzero(~inside)
+
+
+def flips(original: Path, count: int, seed: int = 0) -> dict[str, int]:
+    expected = contents(original)
+    size = original.stat().st_size
+    metadata = metadata_bytes(original)
+    rng = random.Random(seed)
+    tally = {"caught by verify": 0, "caught by a reader": 0, "harmless": 0, "silent": 0}
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "flipped.h5"
+        for trial in range(count):
+            shutil.copy(original, copy)
+            offset = rng.randrange(size) if trial % 2 else int(metadata[rng.randrange(len(metadata))])
+            bit = rng.randrange(8)
+            with open(copy, "r+b") as handle:
+                handle.seek(offset)
+                byte = handle.read(1)[0]
+                handle.seek(offset)
+                handle.write(bytes([byte ^ (1 << bit)]))
+            if verify(copy):
+                tally["caught by verify"] += 1
+                continue
+            try:
+                found = contents(copy)
+            except (OSError, KeyError, ValueError, RuntimeError):
+                tally["caught by a reader"] += 1
+                continue
+            tally["harmless" if same(found, expected) else "silent"] += 1
+    return tally
+
+
+def rows_per_second(path: Path, rows: int = 400) -> float:
+    from trainer.data import SliceDataset
+
+    with h5py.File(path) as f:
+        indices = np.resize(np.arange(f["seg"].shape[0]), rows)
+    dataset = SliceDataset(path, indices, ["t1n", "t1c", "t2w", "t2f"], context=1, stored_context=1)
+    started = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    return rows / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flips", type=int, default=200)
+    parser.add_argument("--cases", type=int, default=24)
+    args = parser.parse_args()
+    source = synthetic_cases(args.cases)
+    rule = SliceRule(per_case=2, background=1, context=1)
+    with tempfile.TemporaryDirectory() as folder:
+        new, old = Path(folder) / "v110.h5", Path(folder) / "v18.h5"
+
+        def build_with(libver: tuple[str, str], out: Path) -> None:
+            writer.LIBVER = libver
+            build(source, out, BuildOptions(jobs=1, progress=False, rule=rule, val_fraction=0.2, test_fraction=0.2))
+
+        checked = writer.LIBVER
+        times = side_by_side(3, new=lambda: build_with(checked, new), old=lambda: build_with(("earliest", "v108"), old))
+        writer.LIBVER = checked
+        report("build, HDF5 1.10 format / 1.8 format (time)", times["new"] / times["old"], "<= 1.02",
+               times["new"] <= 1.02 * times["old"])
+        speeds = {"new": [], "old": []}
+        for _ in range(3):
+            for name, path in (("new", new), ("old", old)):
+                speeds[name].append(rows_per_second(path))
+        ratio = np.median(speeds["old"]) / np.median(speeds["new"])
+        report("trainer rows/s, 1.8 format / 1.10 format", ratio, "<= 1.02", ratio <= 1.02)
+        checkpoint_cost(Path(folder))
+        for name, path in (("1.8 format (before)", old), ("1.10 format", new)):
+            tally = flips(path, args.flips)
+            print(f"{name}: {args.flips} single-bit flips (half in the {len(metadata_bytes(path))} bytes of metadata) "
+                  f"in a {path.stat().st_size / 1e6:.1f} MB file of {args.cases} cases: "
+                  + ", ".join(f"{k} {v}" for k, v in tally.items()))
+        report("silent bit flips, 1.10 format", tally["silent"], "0", tally["silent"] == 0)
+
+
+def checkpoint_cost(folder: Path) -> None:
+    import torch
+
+    from trainer.model import build_model, checkpoint_of, read_checkpoint, save_checkpoint
+
+    model = build_model("unet", "resnet18", None, 4, 4)
+    path = folder / "best.pt"
+    save_checkpoint(path, checkpoint_of(model, {"data": "x", "modality": "all", "arch": "unet", "encoder": "resnet18",
+                                                "channels": ["t1n", "t1c", "t2w", "t2f"], "classes": 4}))
+    times = side_by_side(5, checked=lambda: read_checkpoint(path), bare=lambda: torch.load(path, weights_only=True))
+    print(f"checkpoint of Unet/resnet18 ({path.stat().st_size / 1e6:.0f} MB): read_checkpoint {times['checked'] * 1e3:.0f} "
+          f"ms, bare torch.load {times['bare'] * 1e3:.0f} ms (read once per evaluate, predict or resume; never in an epoch)")
+
+
+if __name__ == "__main__":
+    main()
