@@ -132,7 +132,7 @@ def test_attributes_out_of_bounds_and_missing_datasets(artifact: Path, tmp_path:
     shutil.copy(artifact, headless)
     with h5py.File(headless, "r+") as f:
         del f["case_id"]
-    assert "no /case_id" in one_error_line(_trainer("fit", headless, "-m", "t1n", "--out", tmp_path, *FAST))
+    assert "/case_id: missing" in one_error_line(_trainer("fit", headless, "-m", "t1n", "--out", tmp_path, *FAST))
     verified = _builder("verify", headless)
     assert verified.exit_code == 1 and "/case_id: missing" in verified.output
 
