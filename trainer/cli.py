@@ -27,7 +27,6 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from trainer.config import FitError
         from trainer.data import ArtifactError
         from trainer.model import ModelError
         from trainer.reports import OutputError

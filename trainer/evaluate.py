@@ -47,9 +47,16 @@ def open_run(run_dir: Path, checkpoint: str, data: Path | None, device_name: str
     (``Artifact.check_identity``) and the device."""
     device = resolve_device(device_name)
     model, saved = load_model(run_dir / checkpoint, device)
-    config = FitConfig.from_dict({**saved, "data": str(data or saved["data"]), "device": str(device)})
+    config, artifact, data_check = on_data(FitConfig.from_dict({**saved, "device": str(device)}), data, other_data)
+    return model, config, artifact, data_check, device
+
+
+def on_data(config: FitConfig, data: Path | None, other_data: bool) -> tuple[FitConfig, Artifact, str]:
+    """A run's configuration on its artifact (``data`` if given: a moved file), the artifact as the run sees it,
+    and how it relates to the run (``Artifact.check_identity``: another file is refused unless ``other_data``)."""
+    config = replace(config, data=str(data or config.data))
     artifact = open_artifact(config)
-    return model, config, artifact, artifact.check_identity(config.data_id, config.data_sha256, other_data), device
+    return config, artifact, artifact.check_identity(config.data_id, config.data_sha256, other_data)
 
 
 def evaluate_run(run_dir: Path, split: str = "test", data: Path | None = None, device_name: str = "auto",
@@ -160,15 +167,18 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
                      tta: bool = False, choose: bool = False) -> dict[str, Any]:
     """Segment every case of ``split`` over its whole volume (with the runs of ``ensemble`` averaged in, mirrored
     if ``tta``) and score it; writes ``<stem>.csv`` (a row per case) and ``<stem>.json`` (means over patients with
-    95% bootstrap intervals) in ``run_dir``. With ``choose``, the clean-up is chosen on these cases first
-    (``trainer.cleanup.FAMILY``), stored in the run, and the scores are of the chosen rule."""
+    95% bootstrap intervals) in the lead run (``run_dir``, or the first run in it). With ``choose``, the clean-up is
+    chosen on these cases first (``trainer.cleanup.FAMILY``), stored in the lead run, and the scores are of the
+    chosen rule."""
     if choose and split == "test":
         raise FitError("--choose-clean-up on the test split would tune on the patients being reported; choose on "
                        "--split val (or on out-of-fold predictions with `brats-train cross-validate`)")
     if choose and not clean:
         raise FitError("--choose-clean-up and --no-clean-up contradict each other; drop one")
-    _, config, artifact, data_check, device = open_run(run_dir, checkpoint, data, device_name, other_data)
+    device = resolve_device(device_name)
     segmenter = Segmenter.load(runs_in([run_dir, *ensemble], checkpoint), checkpoint, device, tta, clean)
+    config, artifact, data_check = on_data(segmenter.config, data, other_data)
+    lead = segmenter.lead.run_dir  # RUN_DIR itself, or the first run in it when it is a folder of runs
     wanted = artifact.cases_of(split)
     chosen = wanted[:limit] if limit else wanted
     check_unseen(segmenter, chosen, split)
@@ -188,7 +198,7 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
         else:
             results.rows.append({**about, **score(labels, volumes, config.task)})
     if trial is not None and kept:
-        rule = save_choice(run_dir, trial, f"the {split} split: {len(kept)} patients",
+        rule = save_choice(lead, trial, f"the {split} split: {len(kept)} patients",
                            members=[str(m.run_dir) for m in segmenter.members], tta=tta)
         segmenter.rule, segmenter.rule_note = rule, f"the clean-up just chosen on these {split} cases: {rule.describe()}"
         results.rows = [{**about, **score(clean_up(raw, rule), volumes, config.task)} for raw, volumes, about in kept]
@@ -204,6 +214,6 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
         "definition": VOLUME_DEFINITION, "metrics": results.summary(), "skipped": results.skipped,
     }
     stem = volume_outputs(split, len(segmenter.members), tta)
-    write_csv(run_dir / f"{stem}.csv", results.rows)
-    write_json(run_dir / f"{stem}.json", report)
-    return {**report, "outputs": [str(run_dir / f"{stem}.csv"), str(run_dir / f"{stem}.json")]}
+    write_csv(lead / f"{stem}.csv", results.rows)
+    write_json(lead / f"{stem}.json", report)
+    return {**report, "outputs": [str(lead / f"{stem}.csv"), str(lead / f"{stem}.json")]}
