@@ -22,7 +22,13 @@ DEMO_VOLUMES ?= --volumes $(DEMO_DIR) --volume-cases 3
 # train/compare use the real dataset when it was built, else the demo's
 TRAIN_DATA ?= $(if $(wildcard $(DATA)),$(DATA),$(DEMO_DATA))
 
-.PHONY: setup dataset demo train compare test bench clean
+# The recommended whole-volume recipe (README, "Whole volumes"): one artifact and one model per plane, averaged.
+RECIPE_DIR ?= runs/recipe
+RECIPE_PLANES ?= axial coronal sagittal
+RECIPE_BUILD ?= --context 1 --slices-per-case all --background-slices 4
+RECIPE_FIT ?= --context 1 --task regions
+
+.PHONY: setup dataset demo train compare cv recipe test bench clean
 
 setup: $(VENV)/.installed
 
@@ -60,8 +66,21 @@ train: setup
 compare: setup
 	$(VENV)/bin/brats-train compare $(TRAIN_DATA) $(ARGS)
 
+# K fold runs over the train and val patients and their out-of-fold whole-volume scores (BRATS_DIR for the volumes)
+cv: setup
+	$(VENV)/bin/brats-train cross-validate $(TRAIN_DATA) --out runs/cv $(if $(BRATS_DIR),--volumes "$(BRATS_DIR)" --choose-clean-up) $(ARGS)
+
+# one artifact per plane (datasets/recipe-<plane>.h5) and one model per plane (runs/recipe/<plane>): then
+#   brats-train predict runs/recipe CASES... --out DIR    (the folder of runs is the ensemble)
+recipe: setup
+	@if [ -z "$(BRATS_DIR)" ]; then echo "Set BRATS_DIR to your BraTS training folder (see make dataset)"; exit 2; fi
+	for plane in $(RECIPE_PLANES); do \
+	  $(VENV)/bin/brats-build build "$(BRATS_DIR)" datasets/recipe-$$plane.h5 --plane $$plane --jobs $(JOBS) $(RECIPE_BUILD) && \
+	  $(VENV)/bin/brats-train fit datasets/recipe-$$plane.h5 -m all --out $(RECIPE_DIR) --name $$plane $(RECIPE_FIT) $(ARGS) \
+	  || exit 1; done
+
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_build.py
@@ -70,6 +89,7 @@ bench: setup
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_volume.py
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_integrity.py
 
 clean:
 	rm -rf runs $(DEMO_DIR) $(DEMO_DATA) benchmarks/.cache

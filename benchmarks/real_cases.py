@@ -9,7 +9,7 @@ definitions (`trainer.scoring`). The clean-up of each fold is chosen (`trainer.c
 `evaluate --choose-clean-up` tries) on the raw predictions of the recipe's other folds only: no choice sees the
 patients it is scored on. Models are shared between recipes that use the same one (baseline and mirroring).
 
-    python benchmarks/real_cases.py [--steps 180] [--recipes today,baseline,context,...] [--folds-of all=4,baseline=4]
+    python benchmarks/real_cases.py [--steps 180] [--recipes today,baseline,context,...] [--folds-of all=4,...]
 
 Prints one table (means over the held-out patients, 95% BCa bootstrap intervals over patients) and writes
 benchmarks/.cache/real_cases/results.json. Sixteen patients and a CPU budget are small: the intervals say how small.
@@ -78,6 +78,7 @@ RECIPES = {
     "baseline": Recipe("baseline (axial, multiclass)", (Model(),)),
     "context": Recipe("+ context 1", (Model(context=1),)),
     "regions": Recipe("+ regions", (Model(task="regions"),)),
+    "context-regions": Recipe("+ context 1 + regions", (Model(context=1, task="regions"),)),
     "mirroring": Recipe("+ mirroring", (Model(),), tta=True),
     "planes": Recipe("three planes", tuple(Model(plane) for plane in PLANES)),
     "planes-context-regions": Recipe("three planes, context 1, regions",
@@ -214,15 +215,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=180, help="optimiser steps per model (batch 16, 128x128)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
-    parser.add_argument("--folds-of", default="today=4,baseline=4",
-                        help="recipe=folds for recipes run on more than the default 2 folds")
+    parser.add_argument("--folds-of", default="today=4,baseline=4,context=4,context-regions=4,"
+                        "planes-context-regions=2,all=2",
+                        help="recipe=folds for recipes run on more than the default one fold")
     args = parser.parse_args()
     if not REAL.is_dir():
         sys.exit(f"{REAL}: the real cases are not here (they sit beside the repository in shared/)")
     torch.set_num_threads(2)
     patients = sorted(c.case_id for c in find_cases(REAL))
     chosen = {name: RECIPES[name] for name in args.recipes.split(",") if name}
-    folds_of = {name: 2 for name in chosen}
+    folds_of = {name: 1 for name in chosen}
     for item in args.folds_of.split(","):
         if "=" in item and item.split("=")[0] in folds_of:
             folds_of[item.split("=")[0]] = int(item.split("=")[1])

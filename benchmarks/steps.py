@@ -28,7 +28,7 @@ def bare_step_rate(config: FitConfig, artifact: Artifact, device: torch.device, 
     network = torch.compile(model) if config.compile else model
     amp = autocast_dtype(device, config.amp)
     optimiser = Optimiser.create(model, config, device, amp, warmup + steps, warmup + steps)
-    loss_fn = make_loss(config.loss).to(device)
+    loss_fn = make_loss(config.loss, config.task).to(device)
     batches = Batches(config, artifact.slice_shape, device)
     source = make_source(config, artifact, "train", True, device, World(), config.cache == "device")
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
