@@ -30,9 +30,9 @@ def test_ranks_get_disjoint_rows_that_cover_the_split(artifact: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_single_process_evaluation(artifact: Path, tmp_path: Path) -> None:
+def test_torchrun_two_processes_match_single_process_evaluation(small_artifact: Path, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer", "fit", str(artifact),
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer", "fit", str(small_artifact),
                "-m", "t2w", "--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "2", "--workers", "1",
                "--crop", "64", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

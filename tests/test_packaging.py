@@ -21,10 +21,13 @@ def test_builder_does_not_import_torch() -> None:
     assert "torch" not in modules and "nibabel" in modules
 
 
-def test_trainer_does_not_import_nibabel_or_joblib() -> None:
+def test_trainer_does_not_import_nibabel_or_joblib_and_predict_needs_no_training_loop() -> None:
     modules = _imported_after("import trainer.cli, trainer.train, trainer.data, trainer.evaluate, trainer.compare")
     assert "torch" in modules
     assert "nibabel" not in modules and "joblib" not in modules
+    code = "import sys, trainer.predict, trainer.evaluate; print('trainer.train' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("group", ["builder.cli", "trainer.cli"])
@@ -33,9 +36,3 @@ def test_every_command_explains_itself(group: str) -> None:
     for name, command in main.commands.items():
         result = CliRunner().invoke(main, [name, "--help"])
         assert result.exit_code == 0 and len(command.help or "") > 20, name
-
-
-def test_predict_and_evaluate_load_without_the_training_loop() -> None:
-    code = "import sys, trainer.predict, trainer.evaluate; print('trainer.train' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "False"

@@ -135,27 +135,51 @@ def test_predicted_enhancing_tumour_follows_the_input_naming(small_run: Path, tm
 
 # --- re-runs --------------------------------------------------------------------------------------------------------
 
-def test_resume_extends_a_finished_run_to_what_a_longer_run_gives(small_artifact: Path, tmp_path: Path) -> None:
-    options = ["-m", "t1c", *FAST, "--patience", "9"]
-    assert _train("fit", small_artifact, "--out", tmp_path / "three", *options, "--epochs", "3").exit_code == 0
-    assert _train("fit", small_artifact, "--out", tmp_path / "two", *options, "--epochs", "2",
-                  "--keep-last").exit_code == 0
-    (three,), (two,) = (tmp_path / "three").iterdir(), (tmp_path / "two").iterdir()
-    refused = CliRunner().invoke(main, ["fit", "--resume", str(two), "--lr", "0.01"])
+def test_resumes_and_reruns_give_what_one_straight_run_gives(small_artifact: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """A 3-epoch run (A); the same run killed after its second epoch was logged and before its checkpoint, resumed
+    (B); a finished 2-epoch run extended to 3 epochs (C); a run made again from A's config.json (D): one result."""
+    from trainer import train as train_module
+
+    options = ["-m", "t1c", *FAST, "--patience", "9", "--keep-last"]
+    assert _train("fit", small_artifact, "--out", tmp_path / "a", *options, "--epochs", "3").exit_code == 0
+    real_add = train_module.History.add
+
+    def killed_after_second_epoch(self, row):
+        real_add(self, row)
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.History, "add", killed_after_second_epoch)
+    killed = CliRunner().invoke(main, ["fit", str(small_artifact), "--out", str(tmp_path / "b"), *options, "--epochs",
+                                       "3"])
+    assert killed.exit_code == 1 and "Aborted" in killed.output
+    monkeypatch.undo()
+    assert _train("fit", small_artifact, "--out", tmp_path / "c", *options, "--epochs", "2").exit_code == 0
+    (a,), (b,), (c,) = ((tmp_path / x).iterdir() for x in "abc")
+    assert torch.load(b / "last.pt", weights_only=True)["epoch"] == 0
+    assert "stopped: KeyboardInterrupt" in (b / "log.txt").read_text()
+    refused = CliRunner().invoke(main, ["fit", "--resume", str(c), "--lr", "0.01"])
     line = one_error_line(refused)
     assert "--lr 0.01" in line and "lr 0.001" in line and "--config" in line
-    extended = _train("fit", "--resume", two, "--epochs", "3")
-    assert extended.exit_code == 0, extended.output
-    rows_three, rows_two = _metrics(three), _metrics(two)
-    assert [r["epoch"] for r in rows_two] == ["0", "1", "2"]  # integers stay integers across resumes
-    for a, b in zip(rows_three, rows_two):
-        for key in ("train_loss", "val_loss", "val_dice_mean"):
-            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
-    rerun = _train("fit", "--config", three / "config.json", "--out", tmp_path / "again")
-    assert rerun.exit_code == 0, rerun.output
-    (again,) = (tmp_path / "again").iterdir()
-    assert [r["val_dice_mean"] for r in _metrics(again)] == [r["val_dice_mean"] for r in rows_three]
-    config = json.loads((again / "config.json").read_text())
+    assert _train("fit", small_artifact, "--resume", b).exit_code == 0
+    assert _train("fit", "--resume", c, "--epochs", "3").exit_code == 0
+    assert _train("fit", "--config", a / "config.json", "--out", tmp_path / "d").exit_code == 0
+    (d,) = (tmp_path / "d").iterdir()
+    straight = torch.load(a / "last.pt", weights_only=True)
+    for run in (b, c):
+        other = torch.load(run / "last.pt", weights_only=True)
+        assert other["epoch"] == straight["epoch"] == 2
+        for key, value in straight["model"].items():
+            assert torch.allclose(value.float(), other["model"][key].float(), atol=1e-6), key
+    rows = {run.parent.name: _metrics(run) for run in (a, b, c, d)}
+    assert [r["epoch"] for r in rows["c"]] == ["0", "1", "2"]  # integers stay integers across resumes
+    for name in "bcd":
+        assert len(rows[name]) == 3
+        for mine, theirs in zip(rows[name], rows["a"]):
+            for key in ("train_loss", "val_loss", "val_dice_mean"):
+                assert float(mine[key]) == pytest.approx(float(theirs[key]), abs=1e-6), (name, key)
+    config = json.loads((d / "config.json").read_text())
     assert Path(config["data"]).is_absolute() and config["data"] == str(small_artifact.resolve())
 
 
