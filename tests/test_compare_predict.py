@@ -56,12 +56,21 @@ def test_bootstrap_interval_brackets_the_mean() -> None:
     assert bootstrap_interval(values[:4]) == (None, None)  # four patients: no interval
 
 
-def test_compare_writes_table_pictures_and_reuses_runs(small_artifact: Path, small_cases: Path, tmp_path: Path) -> None:
-    out = tmp_path / "cmp"
-    args = ["compare", str(small_artifact), "--out", str(out), *FAST, "--epochs", "1", "--max-steps", "2"]
-    result = CliRunner().invoke(main, [*args, "--volumes", str(small_cases), "--volume-cases", "1", "--no-clean-up"],
-                                catch_exceptions=False)
+COMPARE_ARGS = [*FAST, "--epochs", "1", "--max-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def compared(small_artifact: Path, small_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny compare (five 2-step runs) scored per slice and on one whole volume; tests read it, never change it."""
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    result = CliRunner().invoke(main, ["compare", str(small_artifact), "--out", str(out), *COMPARE_ARGS, "--volumes",
+                                       str(small_cases), "--volume-cases", "1", "--no-clean-up"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_compare_writes_the_table_and_pictures(compared: Path) -> None:
+    out = compared
     for name in ("comparison.csv", "comparison.md", "comparison.png", "comparison.gif", "comparison_cases.csv"):
         assert (out / name).is_file(), name
     with open(out / "comparison.csv") as handle:
@@ -74,30 +83,39 @@ def test_compare_writes_table_pictures_and_reuses_runs(small_artifact: Path, sma
     strict = json.loads((out / "comparison.json").read_text(), parse_constant=lambda c: pytest.fail(f"JSON holds {c}"))
     assert strict[-1]["loss"] is None and "no loss" in strict[-1]["loss_note"]
     # each single model's row is exactly what evaluating its run on the test split gives
-    evaluated = CliRunner().invoke(main, ["evaluate", str(out / "t1c"), "--device", "cpu"])
-    assert evaluated.exit_code == 0
-    metrics = json.loads((out / "t1c" / "test_metrics.json").read_text())
+    run = shutil.copytree(out / "t1c", compared.parent / "t1c-evaluated")
+    assert CliRunner().invoke(main, ["evaluate", str(run), "--device", "cpu"]).exit_code == 0
+    metrics = json.loads((run / "test_metrics.json").read_text())
     assert float(rows["t1c"]["dice_mean"]) == pytest.approx(metrics["dice_mean"], abs=1e-6)
     assert int(rows["all"]["parameters"]) > int(rows["t1n"]["parameters"])  # 4 input channels
     table = (out / "comparison.md").read_text()
-    assert "late fusion, vote" in table and "not comparable" in table
+    assert "late fusion, vote" in table and "not comparable" in table and "Whole volumes" in table
     with open(out / "comparison_cases.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 7 * 3  # seven approaches x three test cases
-    volumes = list(csv.DictReader(open(out / "comparison_volumes.csv")))
+
+
+def test_compare_volumes_score_as_evaluate_does(compared: Path, small_cases: Path, tmp_path: Path) -> None:
+    volumes = list(csv.DictReader(open(compared / "comparison_volumes.csv")))
     assert [r["approach"] for r in volumes] == ["t1n", "t1c", "t2w", "t2f", "all", "vote", "mean"]
-    summary = json.loads((out / "comparison_volumes.json").read_text())
+    summary = json.loads((compared / "comparison_volumes.json").read_text())
     best = summary["best"]
     assert summary["approaches"][best][f"lesion_dice_mean_minus_{best}"]["mean"] == 0
-    assert "the first 1 of 3 test cases" in summary["cases"] and "Whole volumes" in table + (out / "comparison.md").read_text()
+    assert "the first 1 of 3 test cases" in summary["cases"]
     # the early-fusion row is what `evaluate --volumes` gives for that run on the same case
-    evaluated = CliRunner().invoke(main, ["evaluate", str(out / "all"), "--volumes", str(small_cases), "--limit", "1",
+    run = shutil.copytree(compared / "all", tmp_path / "all")
+    evaluated = CliRunner().invoke(main, ["evaluate", str(run), "--volumes", str(small_cases), "--limit", "1",
                                           "--no-clean-up", "--device", "cpu"])
     assert evaluated.exit_code == 0, evaluated.output
-    (alone,) = list(csv.DictReader(open(out / "all" / "test_volumes.csv")))
+    (alone,) = list(csv.DictReader(open(run / "test_volumes.csv")))
     (fused,) = [r for r in volumes if r["approach"] == "all"]
     assert alone["case_id"] == fused["case_id"] and alone["lesion_dice_WT"] == fused["lesion_dice_WT"]
     mean_row = next(r for r in volumes if r["approach"] == "mean")
     assert 0 <= float(mean_row["dice_WT"]) <= 1
+
+
+def test_compare_reuses_only_runs_of_the_same_file(compared: Path, small_artifact: Path, tmp_path: Path) -> None:
+    out = shutil.copytree(compared, tmp_path / "cmp")
+    args = ["compare", str(small_artifact), "--out", str(out), *COMPARE_ARGS]
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 1 and "--reuse" in again.output
     reused = CliRunner().invoke(main, [*args, "--reuse"])

@@ -135,14 +135,36 @@ def test_predicted_enhancing_tumour_follows_the_input_naming(small_run: Path, tm
 
 # --- re-runs --------------------------------------------------------------------------------------------------------
 
-def test_resumes_and_reruns_give_what_one_straight_run_gives(small_artifact: Path, tmp_path: Path,
+RESUMABLE = ["-m", "t1c", *FAST, "--patience", "9", "--keep-last"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch run made in one go: what every resumed, extended or re-made run must equal."""
+    out = tmp_path_factory.mktemp("straight")
+    assert _train("fit", small_artifact, "--out", out, *RESUMABLE, "--epochs", "2").exit_code == 0
+    return next(out.iterdir())
+
+
+def _same_run(run: Path, straight: Path) -> None:
+    """``run`` ends with ``straight``'s weights (when it kept them) and logged the same epochs."""
+    if (run / "last.pt").exists():
+        mine, theirs = (torch.load(r / "last.pt", weights_only=True) for r in (run, straight))
+        assert mine["epoch"] == theirs["epoch"] == 1
+        for key, value in theirs["model"].items():
+            assert torch.allclose(value.float(), mine["model"][key].float(), atol=1e-6), key
+    rows, expected = _metrics(run), _metrics(straight)
+    assert [r["epoch"] for r in rows] == ["0", "1"]  # integers stay integers across resumes
+    for mine, theirs in zip(rows, expected, strict=True):
+        for key in ("train_loss", "val_loss", "val_dice_mean"):
+            assert float(mine[key]) == pytest.approx(float(theirs[key]), abs=1e-6), (run, key)
+
+
+def test_a_killed_run_resumes_to_what_one_straight_run_gives(small_artifact: Path, straight_run: Path, tmp_path: Path,
                                                              monkeypatch) -> None:
-    """A 3-epoch run (A); the same run killed after its second epoch was logged and before its checkpoint, resumed
-    (B); a finished 2-epoch run extended to 3 epochs (C); a run made again from A's config.json (D): one result."""
+    """Killed after its second epoch was logged and before that epoch's checkpoint, then resumed."""
     from trainer import train as train_module
 
-    options = ["-m", "t1c", *FAST, "--patience", "9", "--keep-last"]
-    assert _train("fit", small_artifact, "--out", tmp_path / "a", *options, "--epochs", "3").exit_code == 0
     real_add = train_module.History.add
 
     def killed_after_second_epoch(self, row):
@@ -151,35 +173,29 @@ def test_resumes_and_reruns_give_what_one_straight_run_gives(small_artifact: Pat
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module.History, "add", killed_after_second_epoch)
-    killed = CliRunner().invoke(main, ["fit", str(small_artifact), "--out", str(tmp_path / "b"), *options, "--epochs",
-                                       "3"])
+    killed = CliRunner().invoke(main, ["fit", str(small_artifact), "--out", str(tmp_path), *RESUMABLE, "--epochs", "2"])
     assert killed.exit_code == 1 and "Aborted" in killed.output
     monkeypatch.undo()
-    assert _train("fit", small_artifact, "--out", tmp_path / "c", *options, "--epochs", "2").exit_code == 0
-    (a,), (b,), (c,) = ((tmp_path / x).iterdir() for x in "abc")
-    assert torch.load(b / "last.pt", weights_only=True)["epoch"] == 0
-    assert "stopped: KeyboardInterrupt" in (b / "log.txt").read_text()
-    refused = CliRunner().invoke(main, ["fit", "--resume", str(c), "--lr", "0.01"])
-    line = one_error_line(refused)
+    (run,) = tmp_path.iterdir()
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 0
+    assert "stopped: KeyboardInterrupt" in (run / "log.txt").read_text()
+    assert _train("fit", small_artifact, "--resume", run).exit_code == 0
+    _same_run(run, straight_run)
+
+
+def test_a_finished_run_extends_and_a_config_remakes_it(small_artifact: Path, straight_run: Path,
+                                                        tmp_path: Path) -> None:
+    """A 1-epoch run extended with --resume --epochs 2, and a run made again from the straight run's config.json."""
+    assert _train("fit", small_artifact, "--out", tmp_path / "short", *RESUMABLE, "--epochs", "1").exit_code == 0
+    (short,) = (tmp_path / "short").iterdir()
+    line = one_error_line(CliRunner().invoke(main, ["fit", "--resume", str(short), "--lr", "0.01"]))
     assert "--lr 0.01" in line and "lr 0.001" in line and "--config" in line
-    assert _train("fit", small_artifact, "--resume", b).exit_code == 0
-    assert _train("fit", "--resume", c, "--epochs", "3").exit_code == 0
-    assert _train("fit", "--config", a / "config.json", "--out", tmp_path / "d").exit_code == 0
-    (d,) = (tmp_path / "d").iterdir()
-    straight = torch.load(a / "last.pt", weights_only=True)
-    for run in (b, c):
-        other = torch.load(run / "last.pt", weights_only=True)
-        assert other["epoch"] == straight["epoch"] == 2
-        for key, value in straight["model"].items():
-            assert torch.allclose(value.float(), other["model"][key].float(), atol=1e-6), key
-    rows = {run.parent.name: _metrics(run) for run in (a, b, c, d)}
-    assert [r["epoch"] for r in rows["c"]] == ["0", "1", "2"]  # integers stay integers across resumes
-    for name in "bcd":
-        assert len(rows[name]) == 3
-        for mine, theirs in zip(rows[name], rows["a"]):
-            for key in ("train_loss", "val_loss", "val_dice_mean"):
-                assert float(mine[key]) == pytest.approx(float(theirs[key]), abs=1e-6), (name, key)
-    config = json.loads((d / "config.json").read_text())
+    assert _train("fit", "--resume", short, "--epochs", "2").exit_code == 0
+    _same_run(short, straight_run)
+    assert _train("fit", "--config", straight_run / "config.json", "--out", tmp_path / "again").exit_code == 0
+    (again,) = (tmp_path / "again").iterdir()
+    _same_run(again, straight_run)
+    config = json.loads((again / "config.json").read_text())
     assert Path(config["data"]).is_absolute() and config["data"] == str(small_artifact.resolve())
 
 
