@@ -12,7 +12,7 @@ patients it is scored on. Models are shared between recipes that use the same on
     python benchmarks/real_cases.py [--steps 180] [--recipes today,baseline,context,...] [--folds-of all=4,...]
 
 Prints one table (means over the held-out patients, 95% BCa bootstrap intervals over patients) and writes
-benchmarks/.cache/real_cases/results.json. Sixteen patients and a CPU budget are small: the intervals say how small.
+benchmarks/.cache/real_cases/results-<steps>.json. Sixteen patients and a CPU budget are small: the intervals say how small.
 """
 
 from __future__ import annotations
@@ -215,8 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=180, help="optimiser steps per model (batch 16, 128x128)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
-    parser.add_argument("--folds-of", default="today=4,baseline=4,context=4,context-regions=4,"
-                        "planes-context-regions=2,all=2",
+    parser.add_argument("--folds-of", default="today=4,baseline=4,context=4,planes-context-regions=2,all=2",
                         help="recipe=folds for recipes run on more than the default one fold")
     args = parser.parse_args()
     if not REAL.is_dir():
