@@ -89,6 +89,14 @@ def decoded_attributes(f: h5py.File) -> tuple[dict[str, Any], list[str]]:
     return values, problems
 
 
+def format_problems(f: h5py.File) -> tuple[dict[str, Any], list[str]]:
+    """The decoded attributes and what keeps the file from being one the format describes: the attributes' problems,
+    else the structure's (which needs sound attributes to know what to expect). What `info` and the trainer's open
+    stop on; `verify` goes on to the rows."""
+    attributes, problems = decoded_attributes(f)
+    return attributes, problems or structure_problems(f, attributes)
+
+
 def foreign_storage(f: h5py.File) -> list[str]:
     """Links to other files, virtual datasets and datasets stored in external files: data that lives outside the
     artifact, so that its SHA-256 and build id would no longer say what a run read."""

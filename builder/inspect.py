@@ -9,7 +9,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter the datasets are compressed with)
 import numpy as np
 
-from builder.checks import decoded_attributes, structure_problems
+from builder.checks import decoded_attributes, format_problems, structure_problems
 from builder.format import (
     BACKGROUND,
     CASE_ID,
@@ -56,34 +56,33 @@ def describe(path: Path) -> str:
     """A readable summary of an artifact: rows, splits, modalities, provenance, skipped cases (ValueError naming the
     first problem when the file is not one the format describes)."""
     with h5py.File(path, "r") as f:
-        attributes, problems = decoded_attributes(f)
-        problems += structure_problems(f, attributes) if not problems else []
+        a, problems = format_problems(f)
         if problems:
             raise ValueError(problems[0])
-        modalities = _attr(f, "modalities") or []
+        modalities = a.get("modalities") or []
         rows = f[SEG].shape[0]
         lines = [
-            f"{path}  (format v{_attr(f, 'format_version')}, {path.stat().st_size / 1e6:.1f} MB)",
-            f"rows: {rows} from {_attr(f, 'cases_written')} cases ({_attr(f, 'cases_scanned')} scanned)",
+            f"{path}  (format v{a.get('format_version')}, {path.stat().st_size / 1e6:.1f} MB)",
+            f"rows: {rows} from {a.get('cases_written')} cases ({a.get('cases_scanned')} scanned)",
             "splits: " + ", ".join(f"{s} {f[SPLIT_GROUP][s].shape[0]}" for s in SPLITS),
             "modalities: "
             + ", ".join(f"{m} {f[m].dtype}" for m in modalities)
             + f"; seg {f[SEG].dtype}; slice {f[SEG].shape[1]}x{f[SEG].shape[2]}",
-            f"slices: {_attr(f, 'slice_rule')}",
-            f"plane: {_attr(f, 'plane') or 'axial'} (volume axis {_attr(f, 'slice_axis') if 'slice_axis' in f.attrs else 2}), "
-            f"context: {_attr(f, 'context') or 0} slice(s) on each side",
-            f"built by brats2d builder {_attr(f, 'builder_version')} on {_attr(f, 'created')} "
-            f"from {_attr(f, 'source')} ({', '.join(_attr(f, 'source_layouts') or [])}), seed {_attr(f, 'seed')}",
-            f"storage: {_attr(f, 'compression') or 'blosc-lz4'}, fletcher32 checksums, one slice per chunk; "
+            f"slices: {a.get('slice_rule')}",
+            f"plane: {a.get('plane') or 'axial'} (volume axis {a.get('slice_axis', 2)}), "
+            f"context: {a.get('context') or 0} slice(s) on each side",
+            f"built by brats2d builder {a.get('builder_version')} on {a.get('created')} "
+            f"from {a.get('source')} ({', '.join(a.get('source_layouts') or [])}), seed {a.get('seed')}",
+            f"storage: {a.get('compression') or 'blosc-lz4'}, fletcher32 checksums, one slice per chunk; "
             f"filters a reader needs: {'; '.join(filters_needed(f))}",
-            f"build id: {_attr(f, DATA_ID) or 'none (format before v3)'}",
-            f"geometry: axis codes {''.join(_attr(f, 'axis_codes') or ['?'])}, voxel size {_attr(f, 'voxel_size')} mm; "
-            f"splits by {_attr(f, 'split_unit') or 'case'}",
+            f"build id: {a.get(DATA_ID) or 'none (format before v3)'}",
+            f"geometry: axis codes {''.join(a.get('axis_codes') or ['?'])}, voxel size {a.get('voxel_size')} mm; "
+            f"splits by {a.get('split_unit') or 'case'}",
         ]
         if BACKGROUND in f:
             lines.insert(2, f"background rows (tumour-free slices): {int(f[BACKGROUND][()].sum())}")
         lines.insert(1, f"sha256: {file_sha256(path)}")
-        skipped = _attr(f, "skipped") or []
+        skipped = a.get("skipped") or []
         lines.append(f"skipped cases: {len(skipped)}")
         lines += [f"  {s['case_id']}: {s['reason']}" for s in skipped]
     return "\n".join(lines)

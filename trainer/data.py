@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from builder.checks import decoded_attributes, structure_problems
+from builder.checks import format_problems
 from builder.format import (
     BACKGROUND,
     CASE_ID,
@@ -117,8 +117,7 @@ class Artifact:
                     f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with this version's `brats-build build` "
                     f"(format {FORMAT_VERSION})"
                 )
-            attributes, problems = decoded_attributes(f)  # the checks `brats-build verify` runs, but the rows
-            problems += structure_problems(f, attributes) if not problems else []
+            attributes, problems = format_problems(f)  # the checks `brats-build verify` runs, but the rows
             if problems:
                 raise ArtifactError(f"{path}: {problems[0]}; the file is damaged or was edited: check it with "
                                     f"`brats-build verify {path}`, or rebuild it")
