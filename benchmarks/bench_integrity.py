@@ -95,68 +95,20 @@ def flips(original: Path, count: int, seed: int = 0) -> dict[str, int]:
     return tally
 
 
-def rows_per_second(path: Path, rows: int = 400) -> float:
+def read_rows(path: Path, rows: int = 400) -> None:
+    """The trainer's row reads alone (`SliceDataset`, four modalities with context), no model."""
     from trainer.data import SliceDataset
 
     with h5py.File(path) as f:
         indices = np.resize(np.arange(f["seg"].shape[0]), rows)
     dataset = SliceDataset(path, indices, ["t1n", "t1c", "t2w", "t2f"], context=1, stored_context=1)
-    started = time.perf_counter()
     for i in range(len(dataset)):
         dataset[i]
-    return rows / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flips", type=int, default=200)
-    parser.add_argument("--cases", type=int, default=24)
-    args = parser.parse_args()
-    source = synthetic_cases(args.cases)
-    rule = SliceRule(per_case=2, background=1, context=1)
-    with tempfile.TemporaryDirectory() as folder:
-        new, old = Path(folder) / "v110.h5", Path(folder) / "v18.h5"
-
-        def build_with(libver: tuple[str, str], out: Path) -> None:
-            writer.LIBVER = libver
-            build(source, out, BuildOptions(jobs=1, progress=False, rule=rule, val_fraction=0.2, test_fraction=0.2))
-
-        checked = writer.LIBVER
-        times = side_by_side(5, new=lambda: build_with(checked, new), old=lambda: build_with(("earliest", "v108"), old))
-        writer.LIBVER = checked
-        report("build, HDF5 1.10 format / 1.8 format (time)", times["new"] / times["old"], "<= 1.02",
-               times["new"] <= 1.02 * times["old"])
-        speeds = {"new": [], "old": []}
-        for _ in range(3):
-            for name, path in (("new", new), ("old", old)):
-                speeds[name].append(rows_per_second(path))
-        ratio = np.median(speeds["old"]) / np.median(speeds["new"])
-        print(f"trainer rows/s alone (SliceDataset, no model), 1.8 format / 1.10 format: {ratio:.2f} "
-              f"({np.median(speeds['old']):.0f} vs {np.median(speeds['new']):.0f} rows/s)")
-        runs = Path(folder) / "runs"
-        fit_once(new, runs)  # warm-up: imports, thread pools and allocators, paid once per process
-        reads: dict[str, list[tuple[float, float]]] = {"new": [], "old": []}
-        for i in range(6):  # alternating order: drift and order effects hit both alike
-            for name in (("new", "old") if i % 2 == 0 else ("old", "new")):
-                reads[name].append(fit_once(new if name == "new" else old, runs))
-        whole = {k: float(np.median([w for w, _ in v])) for k, v in reads.items()}
-        read = {k: float(np.median([r for _, r in v])) for k, v in reads.items()}
-        print(f"fit, whole run, 1.10 format / 1.8 format: {whole['new'] / whole['old']:.2f} ({whole['new']:.2f} vs "
-              f"{whole['old']:.2f} s; on this VM the model's own compute varies by 5-10% from run to run)")
-        cost = (read["new"] - read["old"]) / whole["old"]
-        report("fit: the format's cost (row reads inside fit, 1.10 minus 1.8) / fit", cost, "<= 0.02", cost <= 0.02)
-        checkpoint_cost(Path(folder))
-        for name, path in (("1.8 format (before)", old), ("1.10 format", new)):
-            tally = flips(path, args.flips)
-            print(f"{name}: {args.flips} single-bit flips (half in the {len(metadata_bytes(path))} bytes of metadata) "
-                  f"in a {path.stat().st_size / 1e6:.1f} MB file of {args.cases} cases: "
-                  + ", ".join(f"{k} {v}" for k, v in tally.items()))
-        report("silent bit flips, 1.10 format", tally["silent"], "0", tally["silent"] == 0)
-
-
-def fit_once(path: Path, runs: Path) -> tuple[float, float]:
+def fit_once(path: Path, runs: Path, reads: list[float]) -> None:
     """A short `fit` of early fusion with context on ``path`` (the function `brats-train fit` runs, loading on its
-    own thread): its wall time and the part of it spent in the trainer's row reads (`SliceDataset.__getitem__`)."""
+    own thread); the part of it spent in the trainer's row reads (`SliceDataset.__getitem__`) goes to ``reads``."""
     from trainer.config import FitConfig
     from trainer.data import SliceDataset
     from trainer.train import fit
@@ -176,11 +128,58 @@ def fit_once(path: Path, runs: Path) -> tuple[float, float]:
 
     SliceDataset.__getitem__ = timed
     try:
-        started = time.perf_counter()
         fit(config, run_dir=runs / "run")
-        return time.perf_counter() - started, spent[0]
     finally:
         SliceDataset.__getitem__ = read
+    reads.append(spent[0])
+
+
+def format_cost(source: Path, folder: Path) -> tuple[Path, Path]:
+    """The same build, row reads and fit on the 1.10 format and the 1.8 format; returns the two files."""
+    new, old = folder / "v110.h5", folder / "v18.h5"
+    checked = writer.LIBVER
+    rule = SliceRule(per_case=2, background=1, context=1)
+
+    def build_with(libver: tuple[str, str], out: Path) -> None:
+        writer.LIBVER = libver
+        try:
+            build(source, out, BuildOptions(jobs=1, progress=False, rule=rule, val_fraction=0.2, test_fraction=0.2))
+        finally:
+            writer.LIBVER = checked
+
+    times = side_by_side(5, new=lambda: build_with(checked, new), old=lambda: build_with(("earliest", "v108"), old))
+    report("build, HDF5 1.10 format / 1.8 format (time)", times["new"] / times["old"], "<= 1.02",
+           times["new"] <= 1.02 * times["old"])
+    times = side_by_side(3, new=lambda: read_rows(new), old=lambda: read_rows(old))
+    print(f"trainer rows/s alone (SliceDataset, no model), 1.8 format / 1.10 format: {times['new'] / times['old']:.2f} "
+          f"({400 / times['old']:.0f} vs {400 / times['new']:.0f} rows/s)")
+    runs, reads = folder / "runs", {"new": [], "old": []}
+    fit_once(new, runs, [])  # warm-up: imports, thread pools and allocators, paid once per process
+    whole = side_by_side(6, new=lambda: fit_once(new, runs, reads["new"]), old=lambda: fit_once(old, runs, reads["old"]))
+    print(f"fit, whole run, 1.10 format / 1.8 format: {whole['new'] / whole['old']:.2f} ({whole['new']:.2f} vs "
+          f"{whole['old']:.2f} s; on this VM the model's own compute varies by 5-10% from run to run)")
+    cost = (float(np.median(reads["new"])) - float(np.median(reads["old"]))) / whole["old"]
+    report("fit: the format's cost (row reads inside fit, 1.10 minus 1.8) / fit", cost, "<= 0.02", cost <= 0.02)
+    return new, old
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flips", type=int, default=200)
+    parser.add_argument("--cases", type=int, default=24)
+    args = parser.parse_args()
+    source = synthetic_cases(args.cases)
+    with tempfile.TemporaryDirectory() as folder:
+        new, old = format_cost(source, Path(folder))
+        checkpoint_cost(Path(folder))
+        tallies = {}
+        for name, path in (("1.8 format (before)", old), ("1.10 format", new)):
+            tallies[name] = flips(path, args.flips)
+            print(f"{name}: {args.flips} single-bit flips (half in the {len(metadata_bytes(path))} bytes of metadata) "
+                  f"in a {path.stat().st_size / 1e6:.1f} MB file of {args.cases} cases: "
+                  + ", ".join(f"{k} {v}" for k, v in tallies[name].items()))
+        silent = tallies["1.10 format"]["silent"]
+        report("silent bit flips, 1.10 format", silent, "0", silent == 0)
 
 
 def checkpoint_cost(folder: Path) -> None:

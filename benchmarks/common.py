@@ -44,10 +44,12 @@ def warm_page_cache(folder: Path) -> None:
 
 
 def side_by_side(repeats: int, **functions: Callable[[], object]) -> dict[str, float]:
-    """Median wall time in seconds of each function, the runs interleaved so that drift hits all alike."""
+    """Median wall time in seconds of each function, the runs interleaved, in reversed order every other round, so
+    that drift and the cost of going first hit all alike."""
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
+    order = list(functions.items())
+    for round_ in range(repeats):
+        for name, function in order[::-1] if round_ % 2 else order:
             start = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - start)
