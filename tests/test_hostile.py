@@ -352,3 +352,9 @@ def test_json_outputs_are_strict(small_run: Path, tmp_path: Path) -> None:
     for path in run.glob("*.json"):
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
     assert os.path.getsize(run / "test_metrics.json") > 0
+    # a tiny run may hold no NaN at all: the writer every JSON output goes through, given NaN and infinities
+    from trainer.reports import write_json
+
+    write_json(tmp_path / "values.json", {"nan": float("nan"), "list": [np.float32("inf"), 1.5], "ok": np.float64(2)})
+    written = json.loads((tmp_path / "values.json").read_text(), parse_constant=lambda c: pytest.fail(f"holds {c}"))
+    assert written == {"nan": None, "list": [None, 1.5], "ok": 2.0}
