@@ -19,12 +19,12 @@ import numpy as np
 from isal import isal_zlib
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report, side_by_side, subset, synthetic_cases, tree_peak_rss_mb, warm_page_cache  # noqa: E402
-
 from builder.build import BuildOptions, build  # noqa: E402
 from builder.format import MODALITIES  # noqa: E402
 from builder.layout import find_cases  # noqa: E402
 from builder.nifti import read_header  # noqa: E402
+
+from common import report, side_by_side, subset, synthetic_cases, tree_peak_rss_mb, warm_page_cache  # noqa: E402
 
 SPEED_CASES = 48
 

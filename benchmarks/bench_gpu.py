@@ -1,4 +1,4 @@
-"""The fast path on a GPU: images/s of the training step `fit` calls (trainer.step.train_step) and peak GPU
+"""The fast path on a GPU: images/s of the training step `fit` calls (trainer.training.step.train_step) and peak GPU
 memory, streaming from the file against the device cache, with AMP and channels-last, compiled and not (same
 model, same batch); then `fit` itself on the same settings, to set its images/s beside the bare step's. Needs CUDA.
 
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from trainer.config import FitConfig  # noqa: E402
+from trainer.data.artifact import Artifact  # noqa: E402
+from trainer.training.loop import fit  # noqa: E402
+
 from common import replicated_artifact  # noqa: E402
 from steps import bare_step_rate  # noqa: E402
-
-from trainer.config import FitConfig  # noqa: E402
-from trainer.data import Artifact  # noqa: E402
-from trainer.train import fit  # noqa: E402
 
 BATCH, WARMUP, STEPS = 64, 8, 60
 

@@ -10,7 +10,7 @@
    same `build`, the bare rows/s of the trainer's `SliceDataset` (the worst case) and the same short `fit` (loading
    on the training thread) on each file. Target for build and fit: within 2%. A whole fit's wall time varies by
    more than that on this VM, so fit's figure is the time its own row reads take in each format, as a share of fit.
-3. The cost of verifying a checkpoint's CRCs (`trainer.model.read_checkpoint`) against a bare `torch.load`.
+3. The cost of verifying a checkpoint's CRCs (`trainer.training.model.read_checkpoint`) against a bare `torch.load`.
 
     python benchmarks/bench_integrity.py [--flips 200] [--cases 24]
 """
@@ -32,12 +32,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import report, side_by_side, synthetic_cases  # noqa: E402
-
 from builder import writer  # noqa: E402
 from builder.build import BuildOptions, build  # noqa: E402
 from builder.extract import SliceRule  # noqa: E402
 from builder.inspect import verify  # noqa: E402
+
+from common import report, side_by_side, synthetic_cases  # noqa: E402
 
 
 def contents(path: Path) -> dict[str, object]:
@@ -97,11 +97,11 @@ def flips(original: Path, count: int, seed: int = 0) -> dict[str, int]:
 
 def read_rows(path: Path, rows: int = 400) -> None:
     """The trainer's row reads alone (`SliceDataset`, four modalities with context), no model."""
-    from trainer.data import SliceDataset
+    from trainer.data.loading import RowReader, SliceDataset
 
     with h5py.File(path) as f:
         indices = np.resize(np.arange(f["seg"].shape[0]), rows)
-    dataset = SliceDataset(path, indices, ["t1n", "t1c", "t2w", "t2f"], context=1, stored_context=1)
+    dataset = SliceDataset(RowReader(path, ["t1n", "t1c", "t2w", "t2f"], context=1, stored_context=1), indices)
     for i in range(len(dataset)):
         dataset[i]
 
@@ -110,8 +110,8 @@ def fit_once(path: Path, runs: Path, reads: list[float]) -> None:
     """A short `fit` of early fusion with context on ``path`` (the function `brats-train fit` runs, loading on its
     own thread); the part of it spent in the trainer's row reads (`SliceDataset.__getitem__`) goes to ``reads``."""
     from trainer.config import FitConfig
-    from trainer.data import SliceDataset
-    from trainer.train import fit
+    from trainer.data.loading import SliceDataset
+    from trainer.training.loop import fit
 
     config = FitConfig(data=str(path), modality="all", encoder="resnet18", encoder_weights=None, batch_size=8,
                        crop=64, epochs=2, workers=0, device="cpu", context=1, quiet=True)
@@ -185,7 +185,7 @@ def main() -> None:
 def checkpoint_cost(folder: Path) -> None:
     import torch
 
-    from trainer.model import build_model, checkpoint_of, read_checkpoint, save_checkpoint
+    from trainer.training.model import build_model, checkpoint_of, read_checkpoint, save_checkpoint
 
     model = build_model("unet", "resnet18", None, 4, 4)
     path = folder / "best.pt"

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import replicated_artifact  # noqa: E402
-
-from trainer.data import Artifact, DeviceCache, SliceDataset, make_loader  # noqa: E402
 from trainer.config import FitConfig  # noqa: E402
-from trainer.pipeline import Batches  # noqa: E402
-from trainer.step import make_loss  # noqa: E402
-from trainer.model import build_model  # noqa: E402
+from trainer.data.artifact import Artifact
+from trainer.data.inputs import NetworkInputs  # noqa: E402
+from trainer.data.loading import DeviceCache, RowReader, SliceDataset, make_loader  # noqa: E402
+from trainer.training.model import build_model  # noqa: E402
+from trainer.training.step import make_loss  # noqa: E402
+
+from common import replicated_artifact  # noqa: E402
 
 BATCH = 16
 
@@ -38,8 +39,8 @@ def step_rate(config: FitConfig, artifact: Artifact, device: torch.device, steps
     model = build_model(config.arch, config.encoder, None, len(config.channels), config.classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters())
     loss_fn = make_loss(config.loss, config.task)
-    batches = Batches(config, artifact.slice_shape, device)
-    dataset = SliceDataset(artifact.path, artifact.splits["train"][:BATCH], config.channels)
+    batches = NetworkInputs(config, device)
+    dataset = SliceDataset(RowReader(artifact.path, config.channels), artifact.splits["train"][:BATCH])
     images = torch.stack([dataset[i][0] for i in range(BATCH)])
     labels = torch.stack([dataset[i][1] for i in range(BATCH)])
     inputs, target = batches.inputs(images, labels)
@@ -59,8 +60,8 @@ def main() -> None:
     artifact = Artifact.open(path)
     device = torch.device("cpu")
     config = FitConfig(data=str(path), modality="t2f", encoder="resnet34", encoder_weights=None)
-    train = SliceDataset(path, artifact.splits["train"], ["t2f"])
-    fused = SliceDataset(path, artifact.splits["train"], ["t1n", "t1c", "t2w", "t2f"])
+    train = SliceDataset(RowReader(path, ["t2f"]), artifact.splits["train"])
+    fused = SliceDataset(RowReader(path, ["t1n", "t1c", "t2w", "t2f"]), artifact.splits["train"])
     rates = {f"{name}, {w} workers": loader_rate(ds, w) for name, ds in (("t2f", train), ("4 modalities", fused))
              for w in (0, 2)}
     model = step_rate(config, artifact, device)

@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report, replicated_artifact, tree_peak_rss_mb  # noqa: E402
+from common import replicated_artifact, report, tree_peak_rss_mb  # noqa: E402
 
 STEPS = 24
 
 
 def peak_for(artifact: Path, out: Path) -> float:
     return tree_peak_rss_mb(
-        "from trainer.config import FitConfig\nfrom trainer.train import fit\n"
+        "from trainer.config import FitConfig\nfrom trainer.training.loop import fit\n"
         f"fit(FitConfig(data={str(artifact)!r}, modality='t2f', encoder='resnet18', encoder_weights=None,\n"
         f"    batch_size=8, workers=2, crop=128, epochs=1000, patience=1000, max_steps={STEPS}, device='cpu',\n"
         f"    out={str(out)!r}))\n"

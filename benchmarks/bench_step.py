@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from trainer.config import FitConfig  # noqa: E402
+from trainer.data.artifact import Artifact  # noqa: E402
+from trainer.training.loop import fit  # noqa: E402
+
 from common import replicated_artifact, report  # noqa: E402
 from steps import bare_step_rate  # noqa: E402
-
-from trainer.config import FitConfig  # noqa: E402
-from trainer.data import Artifact  # noqa: E402
-from trainer.train import fit  # noqa: E402
 
 BATCH, EPOCHS = 8, 3
 

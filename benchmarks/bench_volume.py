@@ -1,6 +1,6 @@
 """Whole-volume prediction, recipe by recipe, against the one-model pass of the previous release, and against its
-scoring, side by side in one run, with the functions users run (`trainer.ensemble.Segmenter`, which calls
-`trainer.volumes.segment`, and `trainer.volumes.score`).
+scoring, side by side in one run, with the functions users run (`trainer.inference.ensemble.Segmenter`, which calls
+`trainer.inference.slices.network_probabilities`, and `trainer.inference.cases.score`).
 
 Prints seconds per volume for: whole slices (the previous release's pass: every brain slice at 256x256), the brain's
 bounding box (today's default), + context 1, + test-time mirroring, three planes, three planes + mirroring; each as a
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder.layout import find_cases  # noqa: E402
 from trainer.config import FitConfig  # noqa: E402
-from trainer.ensemble import Member, Segmenter  # noqa: E402
-from trainer.model import build_model  # noqa: E402
-from trainer.volumes import score  # noqa: E402
+from trainer.inference.cases import score  # noqa: E402
+from trainer.inference.ensemble import Member, Segmenter  # noqa: E402
+from trainer.training.model import build_model  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-brats18"
 
@@ -56,13 +56,14 @@ def main() -> None:
     axial, axial_context = member(2, 0, device), member(2, 1, device)
     planes = [axial, member(1, 0, device), member(0, 0, device)]
     recipes = {
-        "whole slices, one model (previous release)": Segmenter([axial], brain_box=False),
-        "brain box, one model (default)": Segmenter([axial]),
-        "brain box, context 1": Segmenter([axial_context]),
-        "brain box, test-time mirroring (4 passes)": Segmenter([axial], tta=True),
-        "three planes": Segmenter(planes),
-        "three planes, test-time mirroring": Segmenter(planes, tta=True),
+        "whole slices, one model (previous release)": Segmenter.of([axial], device),
+        "brain box, one model (default)": Segmenter.of([axial], device),
+        "brain box, context 1": Segmenter.of([axial_context], device),
+        "brain box, test-time mirroring (4 passes)": Segmenter.of([axial], device, tta=True),
+        "three planes": Segmenter.of(planes, device),
+        "three planes, test-time mirroring": Segmenter.of(planes, device, tta=True),
     }
+    recipes["whole slices, one model (previous release)"].brain_box = False
     print(f"{len(cases)} cases from {source}, untrained Unet/resnet18 early fusion, {device} "
           f"({torch.get_num_threads()} threads)")
     seconds: dict[str, list[float]] = {name: [] for name in recipes}
@@ -71,7 +72,7 @@ def main() -> None:
         volumes = recipes["brain box, one model (default)"].read(case)
         for name, segmenter in recipes.items():
             started = time.perf_counter()
-            _, labels, _ = segmenter.segment(volumes, device, progress=False)
+            labels = segmenter.segment(volumes, progress=False).labels
             seconds[name].append(time.perf_counter() - started)
             if name.startswith("whole"):
                 scoring.append(score(labels, volumes, "multiclass")["score_seconds"])

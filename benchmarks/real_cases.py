@@ -5,7 +5,7 @@ other twelve patients (every tumour slice plus 4 tumour-free slices per case, in
 the twelve validates), models trained with `brats-train fit`'s own function under one budget (--steps optimiser steps
 of batch 16 on 128x128 patches, Unet/resnet18 from scratch, 2 CPU threads), and the held-out patients segmented whole
 with the product's `Segmenter` (ensembles averaged, mirrored when the recipe says so) and scored with the BraTS 2023
-definitions (`trainer.scoring`). The clean-up of each fold is chosen (`trainer.cleanup.CleanUpTrial`, the family
+definitions (`trainer.scoring.brats`). The clean-up of each fold is chosen (`trainer.scoring.cleanup.CleanUpTrial`, the family
 `evaluate --choose-clean-up` tries) on the raw predictions of the recipe's other folds only: no choice sees the
 patients it is scored on. Models are shared between recipes that use the same one (baseline and mirroring).
 
@@ -33,14 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builder.build import BuildOptions, build  # noqa: E402
 from builder.extract import SliceRule  # noqa: E402
 from builder.layout import find_cases  # noqa: E402
-from trainer.cleanup import DEFAULT_CLEAN_UP, CleanUpTrial, clean_up  # noqa: E402
 from trainer.config import FitConfig  # noqa: E402
-from trainer.ensemble import Member, Segmenter  # noqa: E402
-from trainer.model import load_model  # noqa: E402
-from trainer.scoring import score_case  # noqa: E402
-from trainer.statistics import summarise  # noqa: E402
-from trainer.train import fit  # noqa: E402
-from trainer.volumes import labels_of  # noqa: E402
+from trainer.inference.ensemble import Member, Segmenter  # noqa: E402
+from trainer.scoring.brats import score_case  # noqa: E402
+from trainer.scoring.cleanup import DEFAULT_CLEAN_UP, CleanUpTrial, clean_up  # noqa: E402
+from trainer.scoring.statistics import summarise  # noqa: E402
+from trainer.training.loop import fit  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-brats18"
 CACHE = Path(__file__).resolve().parent / ".cache" / "real_cases"
@@ -127,10 +125,7 @@ def predict_fold(fold: int, patients: list[str], recipes: dict[str, Recipe], ste
     device = torch.device("cpu")
     models = {m for r in recipes.values() for m in r.models}
     runs = {m: trained(fold, patients, m, steps) for m in sorted(models, key=lambda m: m.name)}
-    members = {}
-    for model, (run, _) in runs.items():
-        network, saved = load_model(run / "best.pt", device)
-        members[model] = Member(run, network, FitConfig.from_dict({**saved, "device": "cpu"}))
+    members = {model: Member.load(run, "best.pt", device) for model, (run, _) in runs.items()}
     out: dict[str, dict] = {name: {"train_minutes": sum(runs[m][1] for m in r.models), "seconds": []}
                             for name, r in recipes.items()}
     cases = {c.case_id: c for c in find_cases(REAL)}
@@ -140,12 +135,11 @@ def predict_fold(fold: int, patients: list[str], recipes: dict[str, Recipe], ste
             if path.is_file():
                 out[name]["seconds"].append(float(np.load(path)["seconds"]))
                 continue
-            segmenter = Segmenter([members[m] for m in recipe.models], recipe.tta)
+            segmenter = Segmenter.of([members[m] for m in recipe.models], device, recipe.tta, clean=False)
             volumes = segmenter.read(cases[patient])
-            result = segmenter.probabilities(volumes, device, progress=False)
-            raw = labels_of(result.probabilities, segmenter.config.task)
-            np.savez_compressed(path, labels=volumes.in_input_space(raw), seconds=result.seconds)
-            out[name]["seconds"].append(result.seconds)
+            done = segmenter.segment(volumes, progress=False)  # raw labels: each fold's clean-up is chosen later
+            np.savez_compressed(path, labels=volumes.in_input_space(done.raw), seconds=done.result.seconds)
+            out[name]["seconds"].append(done.result.seconds)
         print(f"fold {fold}: {patient} segmented by {len(recipes)} recipes", flush=True)
     return out
 

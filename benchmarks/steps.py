@@ -1,4 +1,4 @@
-"""Time the training step `fit` calls (``trainer.step.train_step``) with nothing around it, to set beside `fit`.
+"""Time the training step `fit` calls (``trainer.training.step.train_step``) with nothing around it, to set beside `fit`.
 
 Shared by bench_step.py (CPU, in `make bench`) and bench_gpu.py (CUDA).
 """
@@ -10,11 +10,11 @@ import time
 import torch
 
 from trainer.config import FitConfig
-from trainer.data import Artifact
-from trainer.distributed import World
-from trainer.model import build_model
-from trainer.pipeline import Batches, autocast_dtype, make_source
-from trainer.step import Optimiser, make_loss, train_step
+from trainer.data.artifact import Artifact
+from trainer.data.inputs import NetworkInputs, make_source
+from trainer.device import autocast_dtype
+from trainer.training.model import build_model
+from trainer.training.step import Optimiser, make_loss, train_step
 
 
 def bare_step_rate(config: FitConfig, artifact: Artifact, device: torch.device, warmup: int, steps: int
@@ -29,8 +29,8 @@ def bare_step_rate(config: FitConfig, artifact: Artifact, device: torch.device, 
     amp = autocast_dtype(device, config.amp)
     optimiser = Optimiser.create(model, config, device, amp, warmup + steps, warmup + steps)
     loss_fn = make_loss(config.loss, config.task).to(device)
-    batches = Batches(config, artifact.slice_shape, device)
-    source = make_source(config, artifact, "train", True, device, World(), config.cache == "device")
+    batches = NetworkInputs(config, device)
+    source = make_source(config, artifact, "train", True, device, config.cache == "device")
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
     epoch = 0
     while len(held) < warmup + steps:

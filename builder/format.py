@@ -49,6 +49,37 @@ PLANES: dict[str, str] = {"axial": "SI", "coronal": "AP", "sagittal": "LR"}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Root attribute: a random id fixed when the file is built; runs record it and check it (v3).
 DATA_ID = "data_id"
+#: Every root attribute a build writes and what it records (datasets/FORMAT.md, "Root attributes"): the one table of
+#: them. ``builder.checks.ATTRIBUTES`` says what the ones readers rely on must be; the trainer keeps all but
+#: ``PEOPLE_ONLY`` as a run's record of its data.
+ROOT_ATTRIBUTES: dict[str, str] = {
+    "format_version": "the format's version (FORMAT_VERSION)",
+    DATA_ID: "a random id drawn at build time (v3)",
+    "modalities": "the stored modalities, in early fusion's order",
+    "builder_version": "the brats2d version that wrote the file",
+    "created": "ISO 8601 UTC time of the build",
+    "seed": "seed of the split",
+    "split_fractions": "the val and test fractions asked for",
+    "split_unit": "what a split keeps together: patient (v2)",
+    "slice_rule": "how rows were chosen, in words",
+    "slices_per_case": "1, K or all",
+    "min_tumour_voxels": "the fewest labelled voxels a tumour row has",
+    "background_slices": "tumour-free slices asked for per case (v2)",
+    "label4": "what seg label 4 was taken to mean (v2)",
+    "plane": "the plane rows were sliced in (v4)",
+    "slice_axis": "the volume axis rows were taken along (v4)",
+    "context": "neighbouring slices stored on each side of every row (v4)",
+    "axis_codes": "nibabel axis codes of the stored volumes (v2)",
+    "voxel_size": "voxel size in mm along those axes (v2)",
+    "source": "the name of the folder the cases came from",
+    "source_layouts": "the naming families found",
+    "cases_scanned": "case folders found",
+    "cases_written": "cases with rows",
+    "skipped": "every case left out and why",
+    "compression": "the row datasets' filters, in words",
+}
+#: Root attributes kept for people reading the file, not copied into runs: a list as long as the skipped cases.
+PEOPLE_ONLY = ("skipped",)
 #: Attributes are decoded only within these bounds: a crafted file cannot exhaust memory or the parser's stack.
 MAX_ATTRIBUTE_CHARS = 4_000_000
 MAX_ATTRIBUTE_DEPTH = 8

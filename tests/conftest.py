@@ -1,7 +1,12 @@
-"""Shared fixtures, made once per test session: a handful of synthetic BraTS cases in the exact release layout and the
-artifact built from them (for the builder's tests, which compare rows with nibabel), and the same cases cut down to a
-box around each tumour, with their artifact and one tiny trained run (for the trainer's tests, whose cost grows with
-every voxel a model sees)."""
+"""Shared fixtures and helpers.
+
+Fixtures, made once per test session: a handful of synthetic BraTS cases in the exact release layout and the artifact
+built from them (for the builder's tests, which compare rows with nibabel), and the same cases cut down to a box
+around each tumour, with their artifact and one tiny trained run (for the trainer's tests, whose cost grows with
+every voxel a model sees). Session fixtures are read-only: a test that writes copies first (``writable_copy``).
+
+Helpers, one of each: the two CLIs (``trainer_cli``, ``builder_cli``), the independent NIfTI reader (``read_volume``),
+a run stopped as a kill would stop it (``fit_killed``), and the checks of a clean failure (``one_error_line``)."""
 
 from __future__ import annotations
 
@@ -9,10 +14,15 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 
 from builder.build import BuildOptions, build
 from builder.extract import SliceRule
@@ -20,8 +30,91 @@ from builder.synth import write_case
 
 N_CASES = 12
 #: Options of the tiniest real training runs: a small encoder from scratch on 64x64 patches, on the CPU.
-FAST = ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "3", "--workers", "0",
-        "--crop", "64", "--device", "cpu"]
+FAST_OPTIONS = {"encoder": "resnet18", "encoder_weights": "none", "batch_size": 3, "workers": 0, "crop": 64,
+                "device": "cpu"}
+#: The same on the command line.
+FAST = [text for name, value in FAST_OPTIONS.items() for text in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def trainer_cli(*args: object) -> Result:
+    """``brats-train ARGS`` in this process (paths and numbers as text)."""
+    from trainer.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def builder_cli(*args: object) -> Result:
+    """``brats-build ARGS`` in this process."""
+    from builder.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def read_volume(path: Path) -> np.ndarray:
+    """A NIfTI volume's stored values read with nibabel: the independent answer builds and predictions are held to."""
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def case_volume(case: Path, suffix: str) -> np.ndarray:
+    """``read_volume`` of the case file whose name ends in ``suffix`` (``-t2f``, ``_flair``, ``seg``...)."""
+    return read_volume(next(case.glob(f"*{suffix}.nii*")))
+
+
+def writable_copy(run: Path, folder: Path) -> Path:
+    """A copy of a read-only fixture's run folder that a test may write into (evaluate writes its tables there)."""
+    return Path(shutil.copytree(run, folder / run.name))
+
+
+def kill_after_epoch(epoch: int):
+    """An ``on_epoch_end`` hook that stops a run as Ctrl-C would, once epoch ``epoch`` (0-based) is logged and before
+    that epoch's checkpoints are written: the most awkward moment for what a run leaves behind."""
+
+    def hook(row: dict[str, float]) -> None:
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def fit_killed(data: Path, out: Path, epoch: int, modality: str = "t1n", **options: object) -> Path:
+    """``brats-train fit DATA -m MODALITY --out OUT`` with FAST_OPTIONS and ``options``, killed after epoch ``epoch``
+    (``kill_after_epoch``); returns the run's folder."""
+    from trainer.cli import make_config
+    from trainer.training.loop import fit
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_config(data, modality, out, **{**FAST_OPTIONS, **options}), on_epoch_end=kill_after_epoch(epoch))
+    (run,) = out.iterdir()
+    return run
+
+
+def limited(resource_name: str, value: int, code: str, *args: str) -> subprocess.CompletedProcess:
+    """Python ``code`` run in a process whose ``resource_name`` limit (RLIMIT_AS, RLIMIT_NOFILE...) is ``value``."""
+    setup = f"import resource; resource.setrlimit(resource.{resource_name}, ({value}, {value}))\n"
+    return subprocess.run([sys.executable, "-c", setup + code, *args], capture_output=True, text=True, timeout=300)
+
+
+def partials(folder: Path) -> list[Path]:
+    """Partial files anywhere under ``folder``: none may be left behind."""
+    return [p for p in folder.rglob("*") if "partial" in p.name]
+
+
+def released_together(commands: list[list[str]], barrier: Path) -> list[subprocess.CompletedProcess]:
+    """Start ``brats-train`` commands, let them import, then release them at once (each waits for ``barrier``)."""
+    wait = ("import sys, time, pathlib\ngo = pathlib.Path(sys.argv.pop(1))\nready = pathlib.Path(sys.argv.pop(1))\n"
+            "import trainer.cli, trainer.training.loop, trainer.commands.predict\nfrom trainer.launch import main\n"
+            "ready.touch()\nwhile not go.exists(): time.sleep(0.005)\nsys.argv[0] = 'brats-train'\nmain()")
+    ready = [barrier.with_name(f"ready-{n}") for n in range(len(commands))]
+    processes = [subprocess.Popen([sys.executable, "-c", wait, str(barrier), str(flag), *command],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for command, flag in zip(commands, ready)]
+    deadline = time.monotonic() + 120
+    while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    barrier.touch()  # every process has loaded the trainer: released together
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in processes]
 
 
 @pytest.fixture(scope="session")
@@ -49,10 +142,9 @@ SMALL_BOX = (96, 96, 32)
 def cut_down(case: Path, out: Path) -> Path:
     """A copy of a case folder with every volume cut to SMALL_BOX around the tumour (affines kept in world space)."""
     import nibabel as nib
-    import numpy as np
 
     seg_path = next(p for p in case.iterdir() if p.name.lower().split(".")[0].endswith("seg"))
-    seg = np.asanyarray(nib.load(seg_path).dataobj)
+    seg = read_volume(seg_path)
     centre = np.round(np.argwhere(seg > 0).mean(0)).astype(int)
     box = tuple(slice(max(0, min(c - n // 2, s - n)), max(0, min(c - n // 2, s - n)) + n)
                 for c, n, s in zip(centre, SMALL_BOX, seg.shape))
@@ -100,13 +192,8 @@ def case_copy(cases_dir: Path, tmp_path: Path):
 def small_run(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A two-step early-fusion run on ``small_artifact``: a real checkpoint to predict and evaluate with (tests that
     only read it share it; copy it before changing it)."""
-    from click.testing import CliRunner
-
-    from trainer.cli import main
-
     out = tmp_path_factory.mktemp("runs")
-    result = CliRunner().invoke(main, ["fit", str(small_artifact), "-m", "all", "--out", str(out), *FAST, "--epochs",
-                                       "1", "--max-steps", "2"], catch_exceptions=False)
+    result = trainer_cli("fit", small_artifact, "-m", "all", "--out", out, *FAST, "--epochs", "1", "--max-steps", "2")
     assert result.exit_code == 0, result.output
     return next(out.iterdir())
 
@@ -134,10 +221,11 @@ def unprivileged(command: list[str]) -> list[str]:
     return ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", *command]
 
 
-def one_error_line(result) -> str:
-    """The single ``Error: ...`` line of a CLI result that failed cleanly (exit 1, no traceback)."""
+def one_error_line(result: Result, only: bool = False) -> str:
+    """The single ``Error: ...`` line of a CLI result that failed cleanly (exit 1, no traceback); with ``only``, the
+    output holds nothing else either."""
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error") or only]
+    assert len(lines) == 1 and lines[0].startswith("Error"), result.output
     return lines[0]

@@ -11,20 +11,16 @@ import hdf5plugin
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from builder import writer as writer_module
 from builder.build import BuildError, BuildOptions, build
-from builder.cli import main
 from builder.extract import SliceRule
 from builder.format import FORMAT_VERSION, MODALITIES, SPLITS
 from builder.synth import write_case
 
+from conftest import builder_cli, case_volume, one_error_line
+
 QUIET = BuildOptions(jobs=1, progress=False)
-
-
-def _nib(case_dir: Path, suffix: str) -> np.ndarray:
-    return np.asanyarray(nib.load(next(case_dir.glob(f"*{suffix}.nii*"))).dataobj)
 
 
 def test_rows_equal_densest_slice_read_with_nibabel(artifact: Path, cases_dir: Path) -> None:
@@ -32,12 +28,12 @@ def test_rows_equal_densest_slice_read_with_nibabel(artifact: Path, cases_dir: P
         case_ids = f["case_id"].asstr()[()]
         assert list(case_ids) == sorted(p.name for p in cases_dir.iterdir())
         for row, case in enumerate(case_ids):
-            seg = _nib(cases_dir / case, "seg")
+            seg = case_volume(cases_dir / case, "seg")
             z = int(np.argmax(np.count_nonzero(seg, axis=(0, 1))))  # argmax: ties go to the lowest z
             assert f["slice_index"][row] == z
             np.testing.assert_array_equal(f["seg"][row], seg[:, :, z])
             for modality in MODALITIES:
-                expected = _nib(cases_dir / case, modality)[:, :, z]
+                expected = case_volume(cases_dir / case, modality)[:, :, z]
                 assert f[modality].dtype == expected.dtype
                 np.testing.assert_array_equal(f[modality][row], expected)
 
@@ -103,15 +99,15 @@ def test_brats2021_layout_uncompressed_and_label_4(tmp_path: Path) -> None:
     write_case(source, 5, seed=0, layout="brats2021", compressed=False)
     case = source / "BraTS2021_00005"
     assert (case / "BraTS2021_00005_flair.nii").is_file()
-    seg = _nib(case, "_seg")
+    seg = case_volume(case, "_seg")
     assert 4 in seg and 3 not in seg
     out = tmp_path / "old.h5"
     build(source, out, QUIET)
     z = int(np.argmax(np.count_nonzero(seg, axis=(0, 1))))
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["seg"][0], np.where(seg[:, :, z] == 4, 3, seg[:, :, z]))
-        np.testing.assert_array_equal(f["t2f"][0], _nib(case, "_flair")[:, :, z])
-        np.testing.assert_array_equal(f["t1c"][0], _nib(case, "_t1ce")[:, :, z])
+        np.testing.assert_array_equal(f["t2f"][0], case_volume(case, "_flair")[:, :, z])
+        np.testing.assert_array_equal(f["t1c"][0], case_volume(case, "_t1ce")[:, :, z])
 
 
 def test_k_densest_slices_keep_rows_of_a_case_together(cases_dir: Path, tmp_path: Path) -> None:
@@ -124,10 +120,10 @@ def test_k_densest_slices_keep_rows_of_a_case_together(cases_dir: Path, tmp_path
         for case in sorted(set(cases)):
             rows = np.flatnonzero(cases == case)
             assert np.all(np.diff(rows) == 1)  # contiguous
-            counts = np.count_nonzero(_nib(cases_dir / case, "seg"), axis=(0, 1))
+            counts = np.count_nonzero(case_volume(cases_dir / case, "seg"), axis=(0, 1))
             expected = np.sort(np.argsort(-counts, kind="stable")[:3])
             np.testing.assert_array_equal(slices[rows], expected)
-            np.testing.assert_array_equal(f["t1c"][rows[-1]], _nib(cases_dir / case, "t1c")[:, :, expected[-1]])
+            np.testing.assert_array_equal(f["t1c"][rows[-1]], case_volume(cases_dir / case, "t1c")[:, :, expected[-1]])
         splits = {s: set(cases[f["split"][s][()]]) for s in SPLITS}
     assert not (splits["train"] & splits["val"]) and not (splits["train"] & splits["test"]) and not (splits["val"] & splits["test"])
 
@@ -190,34 +186,22 @@ def test_strict_makes_a_skip_fatal_and_leaves_no_file(case_copy, tmp_path: Path)
     assert list(tmp_path.glob("*strict*")) == []
 
 
-def _run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _one_clear_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
 def test_cli_no_valid_case_is_one_line_exit_1(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    line = _one_clear_line(_run("build", str(tmp_path / "empty"), str(tmp_path / "x.h5")))
+    line = one_error_line(builder_cli("build", str(tmp_path / "empty"), str(tmp_path / "x.h5")), only=True)
     assert "no BraTS case folders" in line
     broken = tmp_path / "broken" / "BraTS-GLI-00001-000"
     broken.mkdir(parents=True)
     (broken / "BraTS-GLI-00001-000-t1n.nii.gz").write_bytes(b"garbage")
-    line = _one_clear_line(_run("build", str(tmp_path / "broken"), str(tmp_path / "x.h5")))
+    line = one_error_line(builder_cli("build", str(tmp_path / "broken"), str(tmp_path / "x.h5")), only=True)
     assert "no valid case" in line and "missing" in line
     assert not (tmp_path / "x.h5").exists()
 
 
 def test_cli_unwritable_out_is_one_line_exit_1(cases_dir: Path, tmp_path: Path) -> None:
-    line = _one_clear_line(_run("build", str(cases_dir), str(tmp_path / "no" / "such" / "dir" / "x.h5")))
+    line = one_error_line(builder_cli("build", str(cases_dir), str(tmp_path / "no" / "such" / "dir" / "x.h5")), only=True)
     assert "cannot write" in line
-    line = _one_clear_line(_run("build", str(tmp_path / "nowhere"), str(tmp_path / "x.h5")))
+    line = one_error_line(builder_cli("build", str(tmp_path / "nowhere"), str(tmp_path / "x.h5")), only=True)
     assert "no such folder" in line
 
 
@@ -239,14 +223,14 @@ def test_failed_build_leaves_nothing_and_keeps_an_older_file(cases_dir: Path, tm
 
 
 def test_info_summarises(artifact: Path) -> None:
-    result = _run("info", str(artifact))
+    result = builder_cli("info", str(artifact))
     assert result.exit_code == 0
     assert "rows: 12 from 12 cases" in result.output and "train 6, val 3, test 3" in result.output
     assert "skipped cases: 0" in result.output
 
 
 def test_verify_passes_then_catches_a_flipped_byte(artifact: Path, tmp_path: Path) -> None:
-    assert _run("verify", str(artifact)).exit_code == 0
+    assert builder_cli("verify", str(artifact)).exit_code == 0
     damaged = tmp_path / "damaged.h5"
     shutil.copy(artifact, damaged)
     with h5py.File(damaged) as f:
@@ -256,7 +240,7 @@ def test_verify_passes_then_catches_a_flipped_byte(artifact: Path, tmp_path: Pat
         byte = handle.read(1)
         handle.seek(-1, 1)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    result = _run("verify", str(damaged))
+    result = builder_cli("verify", str(damaged))
     assert result.exit_code == 1
     assert "/t2w" in result.output and "unreadable" in result.output
 
@@ -268,7 +252,7 @@ def test_verify_catches_overlapping_splits(artifact: Path, tmp_path: Path) -> No
         val = f["split/val"][()]
         del f["split/train"]
         f["split/train"] = np.arange(f["seg"].shape[0])
-    result = _run("verify", str(bad))
+    result = builder_cli("verify", str(bad))
     assert result.exit_code == 1 and "share rows" in result.output
     assert len(val) > 0
 
@@ -283,8 +267,8 @@ def test_dask_backend_builds_the_same_file(cases_dir: Path, artifact: Path, tmp_
 
 def test_unreachable_dask_scheduler_is_one_line(cases_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("distributed")
-    result = _run("build", str(cases_dir), str(tmp_path / "x.h5"), "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9")
-    assert "cannot reach the Dask scheduler" in _one_clear_line(result)
+    result = builder_cli("build", str(cases_dir), str(tmp_path / "x.h5"), "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9")
+    assert "cannot reach the Dask scheduler" in one_error_line(result, only=True)
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -299,5 +283,5 @@ def test_every_tumour_slice_with_a_minimum(cases_dir: Path, tmp_path: Path) -> N
         cases, slices = f["case_id"].asstr()[()], f["slice_index"][()]
         assert f.attrs["slices_per_case"] == b"all" and f.attrs["min_tumour_voxels"] == 50
     for case in sorted(set(cases)):
-        counts = np.count_nonzero(_nib(cases_dir / case, "seg"), axis=(0, 1))
+        counts = np.count_nonzero(case_volume(cases_dir / case, "seg"), axis=(0, 1))
         np.testing.assert_array_equal(slices[cases == case], np.flatnonzero(counts >= 50))

@@ -12,20 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.data import Artifact, SliceDataset, make_loader
+from trainer.data.artifact import Artifact
+from trainer.data.loading import RowReader, SliceDataset, make_loader
 
 
 def test_ranks_get_disjoint_rows_that_cover_the_split(artifact: Path) -> None:
     rows = Artifact.open(artifact).splits["train"]
     seen = []
     for rank in (0, 1):
-        loader = make_loader(SliceDataset(artifact, rows, ["t1n"]), 3, True, 0, seed=0, rank=rank, world_size=2)
+        loader = make_loader(SliceDataset(RowReader(artifact, ["t1n"]), rows), 3, True, 0, seed=0, rank=rank, world_size=2)
         loader.sampler.set_epoch(3)
         seen.append({int(r) for _, _, batch in loader for r in batch})
     assert not (seen[0] & seen[1])
     assert seen[0] | seen[1] == set(rows.tolist())
     val = Artifact.open(artifact).splits["val"]
-    shards = [list(make_loader(SliceDataset(artifact, val, ["t1n"]), 2, False, 0, 0, rank, 2).sampler) for rank in (0, 1)]
+    shards = [list(make_loader(SliceDataset(RowReader(artifact, ["t1n"]), val), 2, False, 0, 0, rank, 2).sampler) for rank in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(len(val)))  # no padding: exact reduced metrics
 
 

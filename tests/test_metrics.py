@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.metrics import SegmentationMetrics
+from trainer.training.metrics import SegmentationMetrics
 
 
 def _logits(pred: list, classes: int = 4) -> torch.Tensor:
@@ -75,7 +75,7 @@ def test_binary_task_reports_whole_tumour_only() -> None:
 def test_class_counts_equal_smp_get_stats_on_random_batches() -> None:
     import segmentation_models_pytorch as smp
 
-    from trainer.metrics import class_counts
+    from trainer.training.metrics import class_counts
 
     generator = torch.Generator().manual_seed(0)
     for classes in (2, 4):
@@ -88,13 +88,13 @@ def test_class_counts_equal_smp_get_stats_on_random_batches() -> None:
 
 def test_region_dice_equals_smp_f1_and_the_volume_dice() -> None:
     """The one Dice (``dice_from_counts``) on the device per slice, against smp's F1 on the same masks and against
-    the whole-volume ``trainer.scoring.dice`` slice by slice."""
+    the whole-volume ``trainer.scoring.brats.dice`` slice by slice."""
     import numpy as np
     import segmentation_models_pytorch as smp
 
     from builder.format import REGIONS
-    from trainer.metrics import region_dice
-    from trainer.scoring import dice
+    from trainer.scoring.brats import dice
+    from trainer.training.metrics import region_dice
 
     generator = torch.Generator().manual_seed(1)
     pred = torch.randint(0, 4, (6, 9, 11), generator=generator)

@@ -18,14 +18,13 @@ from builder.format import MODALITIES, slice_axis
 from builder.layout import find_cases
 from trainer.cli import main
 from trainer.config import FitConfig
-from trainer.data import Artifact, SliceDataset
-from trainer.volumes import CaseError, Geometry, context_stack, read_case
+from trainer.data.artifact import Artifact
+from trainer.data.context import volume_inputs
+from trainer.data.loading import RowReader, SliceDataset
+from trainer.errors import CaseError
+from trainer.inference.cases import Geometry, read_case
 
-from conftest import FAST, one_error_line
-
-
-def _volume(case: Path, suffix: str) -> np.ndarray:
-    return np.asanyarray(nib.load(next(case.glob(f"*-{suffix}.nii.gz"))).dataobj)
+from conftest import FAST, case_volume, one_error_line
 
 
 def _neighbours(volume: np.ndarray, index: int, axis: int, context: int) -> np.ndarray:
@@ -56,12 +55,12 @@ def test_rows_and_their_neighbours_are_nibabels_slices_along_the_plane(cases_dir
         assert f.attrs["plane"] == plane.encode() and f.attrs["slice_axis"] == axis and f.attrs["context"] == 2
         ids, indices = f["case_id"].asstr()[()], f["slice_index"][()]
         for row, (case_id, index) in enumerate(zip(ids, indices)):
-            seg = _volume(source / case_id, "seg")
+            seg = case_volume(source / case_id, "-seg")
             counts = np.count_nonzero(np.moveaxis(seg, axis, 0).reshape(seg.shape[axis], -1), axis=1)
             assert index in np.sort(np.argsort(-counts, kind="stable")[:2])  # the two densest, in this plane
             np.testing.assert_array_equal(f["seg"][row], np.take(seg, index, axis))
             for modality in MODALITIES:
-                expected = _neighbours(_volume(source / case_id, modality), int(index), axis, 2)
+                expected = _neighbours(case_volume(source / case_id, f"-{modality}"), int(index), axis, 2)
                 np.testing.assert_array_equal(f[modality][row], expected[2])
                 np.testing.assert_array_equal(f[f"context/{modality}"][row], np.delete(expected, 2, axis=0))
 
@@ -71,24 +70,24 @@ def test_the_trainer_reads_nibabels_neighbours_and_inference_assembles_the_same(
     artifact = Artifact.open(small_artifact)
     assert artifact.context == 1
     rows = artifact.rows_of("train")[:3]
-    dataset = SliceDataset(small_artifact, rows, ["t1c", "t2f"], context=1, stored_context=1)
+    dataset = SliceDataset(RowReader(small_artifact, ["t1c", "t2f"], context=1, stored_context=1), rows)
     config = FitConfig(data=str(small_artifact), modality="all", context=1)
     for position, row in enumerate(rows):
         case = small_cases / str(artifact.case_ids[row])
         z = int(artifact.slice_index[row])
         image = dataset[position][0].numpy()  # (2 channels x 3 slices, H, W)
-        expected = np.concatenate([_neighbours(_volume(case, m), z, 2, 1) for m in ("t1c", "t2f")])
+        expected = np.concatenate([_neighbours(case_volume(case, f"-{m}"), z, 2, 1) for m in ("t1c", "t2f")])
         np.testing.assert_array_equal(image, expected)
         (found,) = find_cases(case)
         volumes = read_case(found, config.channels, Geometry.of(config))
-        stacked = context_stack(volumes.images, np.array([z]), 1)[0]  # what `segment` feeds the network
-        every = SliceDataset(small_artifact, [row], list(MODALITIES), context=1, stored_context=1)[0][0].numpy()
+        stacked = volume_inputs(volumes.images, np.array([z]), 1)[0]  # what `network_probabilities` feeds the network
+        every = SliceDataset(RowReader(small_artifact, list(MODALITIES), context=1, stored_context=1), [row])[0][0].numpy()
         np.testing.assert_array_equal(stacked, every)
 
 
-def test_context_stack_zero_pads_beyond_the_edges() -> None:
+def test_volume_inputs_zero_pad_beyond_the_edges() -> None:
     stack = np.arange(2 * 2 * 2 * 3, dtype=np.int16).reshape(2, 2, 2, 3) + 1  # (C, H, W, S): three slices
-    out = context_stack(stack, np.array([0, 2]), 1)
+    out = volume_inputs(stack, np.array([0, 2]), 1)
     assert out.shape == (2, 6, 2, 2)
     np.testing.assert_array_equal(out[0, 0], 0)  # before the first slice: zeros
     np.testing.assert_array_equal(out[0, 1], stack[0, :, :, 0])

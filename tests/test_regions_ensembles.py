@@ -7,21 +7,21 @@ import csv
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer.cleanup import CleanUp, CleanUpTrial, clean_up
 from trainer.cli import main
 from trainer.config import FitConfig
-from trainer.ensemble import Member, Segmenter
-from trainer.metrics import SegmentationMetrics
-from trainer.step import make_loss
+from trainer.inference.cases import CaseVolumes
+from trainer.inference.ensemble import Member, Segmenter
+from trainer.inference.slices import network_probabilities
+from trainer.scoring.cleanup import CleanUp, CleanUpTrial, clean_up
 from trainer.tasks import classes, encode, region_targets
-from trainer.volumes import segment
+from trainer.training.metrics import SegmentationMetrics
+from trainer.training.step import make_loss
 
 from conftest import one_error_line
 
@@ -83,8 +83,8 @@ def test_mirroring_averages_the_mirrored_passes_unmirrored() -> None:
     images = np.zeros((1, 64, 64, 3), dtype=np.int16)
     images[0, 8:56, 4:60, 1] = np.random.default_rng(0).integers(100, 900, (48, 56))
     model = Lopsided().eval()
-    mirrored = segment(model, config, images, torch.device("cpu"), tta=True, box=False).probabilities
-    flips = [segment(model, config, images[:, ::a, ::b], torch.device("cpu"), box=False).probabilities[:, ::a, ::b]
+    mirrored = network_probabilities(model, config, images, torch.device("cpu"), tta=True, box=False).probabilities
+    flips = [network_probabilities(model, config, images[:, ::a, ::b], torch.device("cpu"), box=False).probabilities[:, ::a, ::b]
              for a, b in ((1, 1), (-1, 1), (1, -1), (-1, -1))]
     np.testing.assert_allclose(mirrored.astype(np.float32), np.mean([f.astype(np.float32) for f in flips], 0),
                                atol=2e-3)  # float16 storage
@@ -93,17 +93,18 @@ def test_mirroring_averages_the_mirrored_passes_unmirrored() -> None:
 
 
 def test_an_ensemble_averages_its_members(small_run: Path) -> None:
-    from trainer.model import load_model
+    from trainer.training.model import load_model
 
     model, saved = load_model(small_run / "best.pt")
     config = FitConfig.from_dict({**saved, "device": "cpu"})
     other = Lopsided().eval()
     images = np.random.default_rng(1).integers(0, 600, (4, 32, 32, 6)).astype(np.int16)
-    ensemble = Segmenter([Member(small_run, model, config), Member(small_run, other, config)])
-
-    result = ensemble.probabilities(SimpleNamespace(images=images), torch.device("cpu"), progress=False)  # type: ignore
-    one = segment(model, config, images, torch.device("cpu"), progress=False).probabilities.astype(np.float32)
-    two = segment(other, config, images, torch.device("cpu"), progress=False).probabilities.astype(np.float32)
+    ensemble = Segmenter.of([Member(small_run, model, config), Member(small_run, other, config)], torch.device("cpu"))
+    # volumes read in another channel order: each member picks its own channels by name
+    volumes = CaseVolumes("case", tuple(reversed(config.channels)), images[::-1], None, (1.0, 1.0, 1.0), None, None)
+    result = ensemble.probabilities(volumes, progress=False)
+    one = network_probabilities(model, config, images, torch.device("cpu"), progress=False).probabilities.astype(np.float32)
+    two = network_probabilities(other, config, images, torch.device("cpu"), progress=False).probabilities.astype(np.float32)
     np.testing.assert_allclose(result.probabilities.astype(np.float32), (one + two) / 2, atol=2e-3)
 
 

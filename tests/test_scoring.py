@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.scoring import MAX_HD95, hd95, lesion_wise, score_case, score_region
+from trainer.scoring.brats import MAX_HD95, hd95, lesion_wise, score_case, score_region
 
 SHAPE = (40, 30, 30)
 ONE_MM = (1.0, 1.0, 1.0)

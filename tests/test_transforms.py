@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.transforms import augment, crop, normalise, pad, padding_for, random_crop
+from trainer.data.transforms import augment, crop, normalise, pad, padding_for, random_crop
 
 
 def _brain_batch() -> torch.Tensor:

@@ -11,14 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import Result
 
-from trainer.cleanup import CleanUp, clean_up
-from trainer.cli import main
-from trainer.model import load_model
-from trainer.plots import radiological
 from trainer.config import FitConfig
-from trainer.volumes import segment
+from trainer.inference.slices import network_probabilities
+from trainer.scoring.cleanup import CleanUp, clean_up
+from trainer.training.model import load_model
+from trainer.training.plots import radiological
+
+from conftest import trainer_cli, writable_copy
 
 CASE = "BraTS-GLI-00003-000"
 
@@ -32,8 +33,8 @@ def _reoriented_copy(case_dir: Path, out: Path, ornt: list[list[int]]) -> Path:
     return target
 
 
-def _predict(run: Path, case: Path, out: Path, *extra: str) -> CliRunner:
-    return CliRunner().invoke(main, ["predict", str(run), str(case), "--out", str(out), "--device", "cpu", *extra])
+def _predict(run: Path, case: Path, out: Path, *extra: str) -> Result:
+    return trainer_cli("predict", run, case, "--out", out, "--device", "cpu", *extra)
 
 
 @pytest.mark.parametrize("ornt", [[[0, -1], [1, 1], [2, 1]], [[1, 1], [0, 1], [2, -1]]], ids=["flipped", "permuted"])
@@ -62,7 +63,7 @@ def test_slices_without_brain_skip_the_network(small_run: Path) -> None:
     images = np.zeros((4, 64, 64, 10), dtype=np.int16)
     images[:, 10:50, 12:40, [2, 3, 7]] = 500
     images[1, 20:30, 20:30, 8] = 300  # one modality alone makes a brain slice
-    result = segment(model, config, images, torch.device("cpu"), batch_size=2, progress=False)
+    result = network_probabilities(model, config, images, torch.device("cpu"), batch_size=2, progress=False)
     assert result.brain_slices == 4
     assert np.all(result.probabilities[0][..., [0, 1, 4, 5, 6, 9]] == 1)
     assert result.probabilities.shape == (4, 64, 64, 10) and result.slices_per_second > 0
@@ -105,27 +106,27 @@ def test_radiological_view_from_axis_codes() -> None:
 
 
 def test_evaluate_volumes_scores_each_case_as_predict_does(small_run: Path, small_cases: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["evaluate", str(small_run), "--volumes", str(small_cases), "--device", "cpu",
-                                       "--limit", "2"])
+    run = writable_copy(small_run, tmp_path)
+    result = trainer_cli("evaluate", run, "--volumes", small_cases, "--device", "cpu", "--limit", "2")
     assert result.exit_code == 0, result.output
     assert "lesion-wise Dice WT" in result.output and "the first 2 of 3 cases" in result.output
-    rows = list(csv.DictReader(open(small_run / "test_volumes.csv")))
-    report = json.loads((small_run / "test_volumes.json").read_text())
+    rows = list(csv.DictReader(open(run / "test_volumes.csv")))
+    report = json.loads((run / "test_volumes.json").read_text())
     assert report["cases_scored"] == 2 and report["cases_in_split"] == 3 and "lesion-wise" in report["definition"]
     for key in ("lesion_dice_WT", "lesion_hd95_ET", "dice_TC", "hd95_WT", "sensitivity_ET", "specificity_WT"):
         summary = report["metrics"][key]
         assert summary["ci_low"] is None and "fewer than 5 patients" in summary["interval"]  # two patients
         assert summary["mean"] == pytest.approx(np.mean([float(r[key]) for r in rows]))
     first = rows[0]["case_id"]
-    assert _predict(small_run, small_cases / first, tmp_path).exit_code == 0
-    (predicted,) = list(csv.DictReader(open(tmp_path / "predict_scores.csv")))
+    assert _predict(small_run, small_cases / first, tmp_path / "masks").exit_code == 0
+    (predicted,) = list(csv.DictReader(open(tmp_path / "masks" / "predict_scores.csv")))
     for key in ("dice_WT", "lesion_dice_TC", "hd95_ET", "lesion_fp_WT"):
         assert float(predicted[key]) == pytest.approx(float(rows[0][key]))
 
 
 def test_bad_volumes_are_listed_and_the_rest_scored(small_run: Path, small_cases: Path, small_artifact: Path,
                                                     tmp_path: Path) -> None:
-    from trainer.data import Artifact
+    from trainer.data.artifact import Artifact
 
     train = Artifact.open(small_artifact).cases_of("train")
     folder = tmp_path / "volumes"
@@ -140,16 +141,16 @@ def test_bad_volumes_are_listed_and_the_rest_scored(small_run: Path, small_cases
         image = nib.load(path)
         image.header.set_zooms((1.0, 1.0, 2.0))
         nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, image.header), path)
-    result = CliRunner().invoke(main, ["evaluate", str(small_run), "--split", "train", "--volumes", str(folder),
-                                       "--device", "cpu", "--no-clean-up"])
+    run = writable_copy(small_run, tmp_path)
+    result = trainer_cli("evaluate", run, "--split", "train", "--volumes", folder, "--device", "cpu", "--no-clean-up")
     assert result.exit_code == 1
     lines = result.output.splitlines()
     assert any(train[1] in line and "missing" in line and "t1c" in line for line in lines)
     assert any(train[2] in line and "shape" in line for line in lines)
     assert any(train[3] in line and "voxel size" in line for line in lines)
     assert any(train[5] in line and "not found" in line for line in lines)
-    rows = list(csv.DictReader(open(small_run / "train_volumes.csv")))
+    rows = list(csv.DictReader(open(run / "train_volumes.csv")))
     assert sorted(r["case_id"] for r in rows) == sorted([train[0], train[4]])
-    report = json.loads((small_run / "train_volumes.json").read_text())
+    report = json.loads((run / "train_volumes.json").read_text())
     assert len(report["skipped"]) == len(train) - 2
     assert not list(small_run.glob(".*partial*"))

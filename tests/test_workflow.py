@@ -17,13 +17,9 @@ from click.testing import CliRunner
 from builder.layout import patient_of
 from builder.split import fold_of
 from trainer.cli import main
-from trainer.data import Artifact
+from trainer.data.artifact import Artifact
 
-from conftest import FAST, cut_down, one_error_line
-
-
-def _train(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+from conftest import FAST, cut_down, fit_killed, one_error_line, trainer_cli
 
 
 def _metrics(run: Path) -> list[dict[str, str]]:
@@ -55,7 +51,7 @@ def test_a_fold_out_of_range_is_one_line(small_artifact: Path, tmp_path: Path) -
 def test_cross_validation_scores_out_of_fold_and_its_runs_ensemble(small_artifact: Path, small_cases: Path,
                                                                     tmp_path: Path) -> None:
     out = tmp_path / "cv"
-    result = _train("cross-validate", small_artifact, "--folds", "2", "--out", out, *FAST, "--epochs", "1",
+    result = trainer_cli("cross-validate", small_artifact, "--folds", "2", "--out", out, *FAST, "--epochs", "1",
                     "--max-steps", "2", "--volumes", small_cases, "--choose-clean-up")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open(out / "oof_volumes.csv")))
@@ -69,9 +65,9 @@ def test_cross_validation_scores_out_of_fold_and_its_runs_ensemble(small_artifac
         assert not (out / f"fold-{k}" / "last.pt").exists()  # finished runs keep best.pt only
     assert (out / "oof" / f"{rows[0]['case_id']}.npz").is_file() and "Out-of-fold" in (out / "oof.md").read_text()
     test_case = artifact.cases_of("test")[0]
-    predicted = _train("predict", out, small_cases / test_case, "--out", tmp_path / "pred", "--device", "cpu")
+    predicted = trainer_cli("predict", out, small_cases / test_case, "--out", tmp_path / "pred", "--device", "cpu")
     assert predicted.exit_code == 0 and "fold-0 (axial, context 0), fold-1 (axial, context 0)" in predicted.output
-    scored = _train("evaluate", out / "fold-0", "--volumes", small_cases, "--ensemble", out / "fold-1",
+    scored = trainer_cli("evaluate", out / "fold-0", "--volumes", small_cases, "--ensemble", out / "fold-1",
                     "--split", "val", "--device", "cpu")  # fold 1 trained on fold 0's held-out patients
     assert "trained on" in one_error_line(scored) and "must not have seen them" in scored.output
 
@@ -84,7 +80,7 @@ def test_predict_takes_folders_and_writes_names_that_never_collide(small_run: Pa
     for case in sorted(small_cases.iterdir())[:2]:
         shutil.copytree(case, inputs / case.name)
     out = tmp_path / "out"
-    first = _train("predict", small_run, inputs, "--out", out, "--device", "cpu", "--save-probabilities")
+    first = trainer_cli("predict", small_run, inputs, "--out", out, "--device", "cpu", "--save-probabilities")
     assert first.exit_code == 0, first.output
     for case in sorted(inputs.iterdir()):
         mask = nib.load(out / f"{case.name}.nii.gz")
@@ -96,9 +92,9 @@ def test_predict_takes_folders_and_writes_names_that_never_collide(small_run: Pa
         assert np.array_equal(saved["affine"], mask.affine)
         np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1, atol=0.01)
     assert not list(out.glob("*seg*"))
-    again = _train("predict", small_run, inputs, "--out", out, "--device", "cpu")
+    again = trainer_cli("predict", small_run, inputs, "--out", out, "--device", "cpu")
     assert again.exit_code == 0 and again.output.count("exists (--overwrite") == 2
-    redone = _train("predict", small_run, inputs, "--out", out, "--device", "cpu", "--overwrite")
+    redone = trainer_cli("predict", small_run, inputs, "--out", out, "--device", "cpu", "--overwrite")
     assert redone.exit_code == 0 and redone.output.count(": wrote ") == 2
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -109,8 +105,8 @@ def test_predict_takes_folders_and_writes_names_that_never_collide(small_run: Pa
 def test_predicted_enhancing_tumour_follows_the_input_naming(small_run: Path, tmp_path: Path) -> None:
     from builder.layout import find_cases
     from builder.synth import write_case
-    from trainer.predict import et_label
-    from trainer.volumes import Geometry, read_case, write_labels
+    from trainer.commands.predict import et_label
+    from trainer.inference.cases import Geometry, read_case, write_labels
 
     full = tmp_path / "full"
     write_case(full, 3, seed=0, layout="brats2021")  # a 2021 naming: its challenge expects ET as 4
@@ -124,9 +120,9 @@ def test_predicted_enhancing_tumour_follows_the_input_naming(small_run: Path, tm
     np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "mask.nii.gz").dataobj),
                                   np.where(labels == 3, 4, labels))
     out = tmp_path / "out"  # and through the command, both conventions
-    assert _train("predict", small_run, legacy, "--out", out, "--device", "cpu", "--no-clean-up").exit_code == 0
+    assert trainer_cli("predict", small_run, legacy, "--out", out, "--device", "cpu", "--no-clean-up").exit_code == 0
     written = np.asanyarray(nib.load(out / "BraTS2021_00003.nii.gz").dataobj)
-    assert _train("predict", small_run, legacy, "--out", tmp_path / "as2023", "--device", "cpu", "--no-clean-up",
+    assert trainer_cli("predict", small_run, legacy, "--out", tmp_path / "as2023", "--device", "cpu", "--no-clean-up",
                   "--labels", "brats2023").exit_code == 0
     as2023 = np.asanyarray(nib.load(tmp_path / "as2023" / "BraTS2021_00003.nii.gz").dataobj)
     assert set(np.unique(written)) <= {0, 1, 2, 4} and set(np.unique(as2023)) <= {0, 1, 2, 3}
@@ -135,6 +131,7 @@ def test_predicted_enhancing_tumour_follows_the_input_naming(small_run: Path, tm
 
 # --- re-runs --------------------------------------------------------------------------------------------------------
 
+RESUMABLE_OPTIONS = {"modality": "t1c", "patience": 9, "keep_last": True}
 RESUMABLE = ["-m", "t1c", *FAST, "--patience", "9", "--keep-last"]
 
 
@@ -142,17 +139,17 @@ RESUMABLE = ["-m", "t1c", *FAST, "--patience", "9", "--keep-last"]
 def straight_run(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-epoch run made in one go: what every resumed, extended or re-made run must equal."""
     out = tmp_path_factory.mktemp("straight")
-    assert _train("fit", small_artifact, "--out", out, *RESUMABLE, "--epochs", "2").exit_code == 0
+    assert trainer_cli("fit", small_artifact, "--out", out, *RESUMABLE, "--epochs", "2").exit_code == 0
     return next(out.iterdir())
 
 
 def _same_run(run: Path, straight: Path) -> None:
-    """``run`` ends with ``straight``'s weights (when it kept them) and logged the same epochs."""
-    if (run / "last.pt").exists():
-        mine, theirs = (torch.load(r / "last.pt", weights_only=True) for r in (run, straight))
-        assert mine["epoch"] == theirs["epoch"] == 1
-        for key, value in theirs["model"].items():
-            assert torch.allclose(value.float(), mine["model"][key].float(), atol=1e-6), key
+    """``run`` ends with ``straight``'s weights (both kept their resume state, --keep-last) and logged the same
+    epochs."""
+    mine, theirs = (torch.load(r / "last.pt", weights_only=True) for r in (run, straight))
+    assert mine["epoch"] == theirs["epoch"] == 1
+    for key, value in theirs["model"].items():
+        assert torch.allclose(value.float(), mine["model"][key].float(), atol=1e-6), key
     rows, expected = _metrics(run), _metrics(straight)
     assert [r["epoch"] for r in rows] == ["0", "1"]  # integers stay integers across resumes
     for mine, theirs in zip(rows, expected, strict=True):
@@ -160,39 +157,26 @@ def _same_run(run: Path, straight: Path) -> None:
             assert float(mine[key]) == pytest.approx(float(theirs[key]), abs=1e-6), (run, key)
 
 
-def test_a_killed_run_resumes_to_what_one_straight_run_gives(small_artifact: Path, straight_run: Path, tmp_path: Path,
-                                                             monkeypatch) -> None:
+def test_a_killed_run_resumes_to_what_one_straight_run_gives(small_artifact: Path, straight_run: Path,
+                                                             tmp_path: Path) -> None:
     """Killed after its second epoch was logged and before that epoch's checkpoint, then resumed."""
-    from trainer import train as train_module
-
-    real_add = train_module.History.add
-
-    def killed_after_second_epoch(self, row):
-        real_add(self, row)
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module.History, "add", killed_after_second_epoch)
-    killed = CliRunner().invoke(main, ["fit", str(small_artifact), "--out", str(tmp_path), *RESUMABLE, "--epochs", "2"])
-    assert killed.exit_code == 1 and "Aborted" in killed.output
-    monkeypatch.undo()
-    (run,) = tmp_path.iterdir()
+    run = fit_killed(small_artifact, tmp_path / "runs", 1, **RESUMABLE_OPTIONS, epochs=2)
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 0
     assert "stopped: KeyboardInterrupt" in (run / "log.txt").read_text()
-    assert _train("fit", small_artifact, "--resume", run).exit_code == 0
+    assert trainer_cli("fit", small_artifact, "--resume", run).exit_code == 0
     _same_run(run, straight_run)
 
 
 def test_a_finished_run_extends_and_a_config_remakes_it(small_artifact: Path, straight_run: Path,
                                                         tmp_path: Path) -> None:
     """A 1-epoch run extended with --resume --epochs 2, and a run made again from the straight run's config.json."""
-    assert _train("fit", small_artifact, "--out", tmp_path / "short", *RESUMABLE, "--epochs", "1").exit_code == 0
+    assert trainer_cli("fit", small_artifact, "--out", tmp_path / "short", *RESUMABLE, "--epochs", "1").exit_code == 0
     (short,) = (tmp_path / "short").iterdir()
     line = one_error_line(CliRunner().invoke(main, ["fit", "--resume", str(short), "--lr", "0.01"]))
     assert "--lr 0.01" in line and "lr 0.001" in line and "--config" in line
-    assert _train("fit", "--resume", short, "--epochs", "2").exit_code == 0
+    assert trainer_cli("fit", "--resume", short, "--epochs", "2").exit_code == 0
     _same_run(short, straight_run)
-    assert _train("fit", "--config", straight_run / "config.json", "--out", tmp_path / "again").exit_code == 0
+    assert trainer_cli("fit", "--config", straight_run / "config.json", "--out", tmp_path / "again").exit_code == 0
     (again,) = (tmp_path / "again").iterdir()
     _same_run(again, straight_run)
     config = json.loads((again / "config.json").read_text())
@@ -214,7 +198,7 @@ def test_log_quiet_tensorboard_and_version(small_artifact: Path, tmp_path: Path)
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = _train("fit", small_artifact, "-m", "t2f", "--out", tmp_path, *FAST, "--epochs", "2", "--quiet",
+    result = trainer_cli("fit", small_artifact, "-m", "t2f", "--out", tmp_path, *FAST, "--epochs", "2", "--quiet",
                     "--tensorboard")
     assert result.exit_code == 0 and result.output.strip().splitlines() == [f"run folder: {next(tmp_path.iterdir())}"]
     (run,) = tmp_path.iterdir()
@@ -246,10 +230,10 @@ def test_progress_lines_outside_a_terminal(small_cases: Path, tmp_path: Path, mo
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exported_model_gives_the_checkpoints_outputs(small_run: Path, tmp_path: Path, fmt: str) -> None:
-    from trainer.model import load_model
+    from trainer.training.model import load_model
 
     out = tmp_path / f"model.{fmt}"
-    result = _train("export", small_run, "--format", fmt, "--out", out)
+    result = trainer_cli("export", small_run, "--format", fmt, "--out", out)
     assert result.exit_code == 0, result.output
     sidecar = json.loads(out.with_name(out.name + ".json").read_text())
     assert sidecar["input"]["channels"] == ["t1n", "t1c", "t2w", "t2f"] and sidecar["task"] == "multiclass"

@@ -13,9 +13,10 @@ from click.core import ParameterSource
 
 from builder import __version__
 from builder.format import MODALITIES, MODALITY_ALIASES, REGIONS
-from trainer.config import CACHES, LOSSES, MAX_FOLDS, SCHEDULES, FitConfig, FitError
+from trainer.config import CACHES, LOSSES, MAX_FOLDS, NORMALISATIONS, SCHEDULES, FitConfig
+from trainer.errors import USER_ERRORS, CommandError
+from trainer.inference.options import VolumeOptions
 from trainer.tasks import TASKS
-from trainer.transforms import NORMALISATIONS
 
 MODALITY_CHOICES = (*MODALITIES, *MODALITY_ALIASES, "all")
 #: How predicted masks write enhancing tumour (kept here so that `--help` needs no nibabel).
@@ -27,13 +28,9 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from trainer.data import ArtifactError
-        from trainer.model import ModelError
-        from trainer.reports import OutputError
-
         try:
             return command(*args, **kwargs)
-        except (ArtifactError, ModelError, FitError, OutputError, ValueError) as error:
+        except (*USER_ERRORS, ValueError) as error:
             raise click.ClickException(_last_line(error)) from None
         except (MemoryError, RuntimeError) as error:
             if not out_of_memory(error):
@@ -74,6 +71,21 @@ def main() -> None:
     """Train 2D BraTS segmentation models that stream from a brats2d HDF5 file (datasets/FORMAT.md)."""
 
 
+#: The options of whole-volume segmentation (``VolumeOptions``), each declared once (``--device`` serves `fit` too).
+_VOLUME_OPTIONS = {
+    "tta": click.option("--tta/--no-tta", default=False, show_default=True,
+                        help="Test-time mirroring of whole volumes: average each slice's probabilities over its mirror "
+                             "images along both in-plane axes (4 network passes per slice: about 4x the time on a CPU)."),
+    "clean": click.option("--clean-up/--no-clean-up", "clean", default=True, show_default=True,
+                          help="Clean whole-volume predictions up: the rule chosen for the (lead) run on validation "
+                               "patients if one was (--choose-clean-up), else per region (WT, TC, ET) drop components "
+                               "under 30% of the region's largest (trainer/scoring/cleanup.py)."),
+    "device": click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    "checkpoint": click.option("--checkpoint", default="best.pt", show_default=True,
+                               help="Which checkpoint file of each run to load."),
+}
+
+
 def fit_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by `fit` and `compare`: everything that defines how one model is trained."""
     options = [
@@ -102,7 +114,7 @@ def fit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--clip-grad", default=12.0, show_default=True, type=click.FloatRange(0),
                      help="Clip the gradient norm to this (nnU-Net's 12); 0 turns clipping off."),
         click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader worker processes."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        _VOLUME_OPTIONS["device"],
         click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA (bf16, else fp16)."),
         click.option("--compile/--no-compile", "compile_model", default=False, show_default=True, help="torch.compile the model."),
         click.option("--augment/--no-augment", default=True, show_default=True, help="Flips, rotations, intensity jitter."),
@@ -161,7 +173,7 @@ def resume_config(run_dir: Path, data: Path | None, options: dict[str, Any]) -> 
     """The resumed run's configuration: as saved, on DATA if given (the file may have moved; checked by identity),
     with --epochs / --max-steps (extending it) and where it runs taken anew; any other option given that would change
     the run is refused in one line naming it."""
-    from trainer.runs import resume_point
+    from trainer.training.runs import resume_point
 
     saved, _ = resume_point(run_dir)
     config = FitConfig.from_dict({**saved, "data": str(Path(data or saved["data"]).resolve())}, str(run_dir))
@@ -170,7 +182,7 @@ def resume_config(run_dir: Path, data: Path | None, options: dict[str, Any]) -> 
     for name in given:
         if name not in RESUME_MAY_CHANGE and getattr(asked, name) != getattr(config, name):
             flag = name.replace("_", "-")
-            raise FitError(f"--{flag} {options.get(name, getattr(asked, name))}: {run_dir} was trained with "
+            raise CommandError(f"--{flag} {options.get(name, getattr(asked, name))}: {run_dir} was trained with "
                            f"{flag} {getattr(config, name)}, and resuming continues it as it was (only "
                            f"{', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE)} may change); start a "
                            f"new run to change it: brats-train fit --config {run_dir / 'config.json'} --{flag} ...")
@@ -180,7 +192,7 @@ def resume_config(run_dir: Path, data: Path | None, options: dict[str, Any]) -> 
 def config_from_file(path: Path, data: Path | None, options: dict[str, Any]) -> FitConfig:
     """A new run with the options of a saved config.json, on DATA if given (else the file it names), the options
     given here overriding the file's."""
-    from trainer.runs import read_config
+    from trainer.training.runs import read_config
 
     saved = read_config(path)
     keep = {k: v for k, v in saved.items() if k not in ("axis_codes", "voxel_size", "slice_shape", "plane",
@@ -210,7 +222,7 @@ def config_from_file(path: Path, data: Path | None, options: dict[str, Any]) -> 
 def fit(data: Path | None, modality: str | None, resume: Path | None, config_file: Path | None,
         **options: Any) -> None:
     """Train one model on DATA (an .h5 file from brats-build) and leave a run folder under --out."""
-    from trainer.train import fit as run_fit
+    from trainer.training.loop import fit as run_fit
 
     if resume is not None and config_file is not None:
         raise click.UsageError("--resume continues a run, --config starts a new one from a run's options: give one")
@@ -230,34 +242,26 @@ def fit(data: Path | None, modality: str | None, resume: Path | None, config_fil
     click.echo(f"run folder: {run_dir}")
 
 
-def clean_up_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--clean-up/--no-clean-up", "clean", default=True, show_default=True,
-                        help="Clean whole-volume predictions up: the rule chosen for the (lead) run on validation "
-                             "patients if one was (--choose-clean-up), else per region (WT, TC, ET) drop components "
-                             "under 30% of the region's largest (trainer/cleanup.py).")(command)
+def volume_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the named ``_VOLUME_OPTIONS`` to a command, handed to it together as ``volume`` (a ``VolumeOptions``)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return command(*args, volume=VolumeOptions(**{name: kwargs.pop(name) for name in names}), **kwargs)
+
+        for name in reversed(names):
+            run = _VOLUME_OPTIONS[name](run)
+        return run
+
+    return decorate
 
 
-def volume_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of every command that segments whole volumes with a run (or an ensemble led by it)."""
-    options = [
-        click.option("--ensemble", multiple=True, type=click.Path(file_okay=False, path_type=Path),
-                     help="Average in this run's probabilities too (repeatable; a folder of runs adds all of them): "
-                          "other planes, folds or seeds, each segmenting with its own plane and context. Runs must "
-                          "share the task, modalities, orientation and voxel size."),
-        click.option("--tta/--no-tta", default=False, show_default=True,
-                     help="Test-time mirroring: average each slice's probabilities over its mirror images along both "
-                          "in-plane axes (4 network passes per slice: about 4x the time on a CPU)."),
-        clean_up_option,
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def clean_rule(clean: bool) -> Any:
-    from trainer.cleanup import DEFAULT_CLEAN_UP
-
-    return DEFAULT_CLEAN_UP if clean else None
+def ensemble_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--ensemble", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+                        help="Average in this run's probabilities too (repeatable; a folder of runs adds all of them): "
+                             "other planes, folds or seeds, each segmenting with its own plane and context. Runs must "
+                             "share the task, modalities, orientation and voxel size.")(command)
 
 
 def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIONS)) -> str:
@@ -286,36 +290,34 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
                    "volume and score it as BraTS 2023 does (lesion-wise Dice and HD95, legacy Dice, HD95, "
                    "sensitivity, specificity).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="With --volumes: score only the first N cases.")
-@volume_options
+@ensemble_option
+@volume_options("tta", "clean", "device", "checkpoint")
 @click.option("--choose-clean-up", "choose", is_flag=True,
-              help="With --volumes on the val split: try each clean-up rule of trainer/cleanup.py's FAMILY on these "
-                   "patients, keep the best by mean lesion-wise Dice and store it in the run (clean_up.json), where "
-                   "later evaluate and predict find it. Refused on the test split.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--checkpoint", default="best.pt", show_default=True)
+              help="With --volumes on the val split: try each clean-up rule of trainer/scoring/cleanup.py's FAMILY on "
+                   "these patients, keep the best by mean lesion-wise Dice and store it in the run (clean_up.json), "
+                   "where later evaluate and predict find it. Refused on the test split.")
 @one_line_errors
 def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: bool, volumes_dir: Path | None,
-                     limit: int | None, ensemble: tuple[Path, ...], tta: bool, clean: bool, choose: bool, device: str,
-                     checkpoint: str) -> None:
+                     limit: int | None, ensemble: tuple[Path, ...], volume: VolumeOptions, choose: bool) -> None:
     """Evaluate a run's checkpoint on a split (a fold run's val split is its held-out fold).
 
     Per slice on the artifact's rows: <split>_metrics.json and <split>_cases.csv. With --volumes, per patient on
     whole volumes (with --ensemble runs averaged in, --tta mirrored): <split>_volumes.csv (a row per case) and
     <split>_volumes.json (means with 95% intervals), marked _ensemble / _tta when they apply.
     """
-    from trainer.evaluate import evaluate_run, evaluate_volumes
+    from trainer.commands.evaluate import evaluate_run, evaluate_volumes
 
-    if volumes_dir is None and (ensemble or tta or choose):
+    if volumes_dir is None and (ensemble or volume.tta or choose):
         raise click.UsageError("--ensemble, --tta and --choose-clean-up segment whole volumes: give --volumes DIR")
     if volumes_dir is None:
-        result = evaluate_run(run_dir, split, data, device, checkpoint, other_data=other_data)
+        result = evaluate_run(run_dir, split, data, volume, other_data=other_data)
         shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
         click.echo(f"{run_dir} on {split} ({result['slices']} slices, per-slice 2D scores; data: "
                    f"{result['data_check']}): {shown}")
         click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")
         return
-    report = evaluate_volumes(run_dir, volumes_dir, split, data, device, checkpoint, clean, limit, other_data,
-                              ensemble, tta, choose)
+    report = evaluate_volumes(run_dir, volumes_dir, split, data, volume, limit=limit, other_data=other_data,
+                              ensemble=ensemble, choose=choose)
     for line in report["skipped"]:
         click.echo(f"skipped {line['case_id']}: {line['reason']}")
     subset = f", {report['subset']}" if report["subset"] else ""
@@ -338,19 +340,17 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
                    "differences from the best.")
 @click.option("--volume-cases", default=None, type=click.IntRange(1),
               help="With --volumes: score only the first N test cases (said in the table).")
-@click.option("--tta/--no-tta", default=False, show_default=True,
-              help="With --volumes: test-time mirroring along both in-plane axes (4 passes per slice).")
-@clean_up_option
+@volume_options("tta", "clean")
 @one_line_errors
-def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume_cases: int | None, tta: bool,
-            clean: bool, **options: Any) -> None:
+def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume_cases: int | None,
+            volume: VolumeOptions, **options: Any) -> None:
     """Train t1n, t1c, t2w, t2f and all four (early fusion) alike, fuse the four late (vote and mean),
     and score all seven on the test split: comparison.md/.csv/.png/.gif in --out (with --volumes, also
     comparison_volumes.csv/.json, the whole-volume scores per patient)."""
-    from trainer.compare import compare as run_compare
+    from trainer.commands.compare import compare as run_compare
 
     run_compare(make_config(data, "all", out, **options), out, reuse, volumes_dir=volumes_dir, volume_cases=volume_cases,
-                rule=clean_rule(clean), tta=tta)
+                options=dataclasses.replace(volume, device=options["device"]))
 
 
 @main.command(name="cross-validate")
@@ -365,22 +365,20 @@ def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume
 @click.option("--volumes", "volumes_dir", default=None, type=click.Path(path_type=Path),
               help="The BraTS folder the artifact was built from: segment every patient with the fold run that held "
                    "it out and score the out-of-fold predictions (oof_volumes.csv/.json, oof.md).")
-@click.option("--tta/--no-tta", default=False, show_default=True,
-              help="With --volumes: test-time mirroring along both in-plane axes (4 passes per slice).")
+@volume_options("tta", "clean")
 @click.option("--choose-clean-up", "choose", is_flag=True,
               help="With --volumes: choose the clean-up on the out-of-fold predictions (each fold scored with the "
                    "rule chosen on the others; every fold run stores the rule chosen on all of them).")
-@clean_up_option
 @one_line_errors
 def cross_validate_command(data: Path, folds: int, modality: str, out: Path, reuse: bool, volumes_dir: Path | None,
-                           tta: bool, choose: bool, clean: bool, **options: Any) -> None:
+                           volume: VolumeOptions, choose: bool, **options: Any) -> None:
     """Train all K fold runs of DATA (OUT/fold-0 ... fold-K-1), each validating on its held-out patients, and score
     the out-of-fold predictions on whole volumes: one table of every train and val patient, each segmented by the
     run that never saw it. The fold runs then form an ensemble: `brats-train predict OUT CASES --out DIR`."""
-    from trainer.crossval import cross_validate
+    from trainer.commands.crossval import cross_validate
 
-    report = cross_validate(make_config(data, modality, out, **options), folds, out, reuse, volumes_dir, tta, choose,
-                            clean)
+    report = cross_validate(make_config(data, modality, out, **options), folds, out, reuse, volumes_dir,
+                            dataclasses.replace(volume, device=options["device"]), choose)
     if "metrics" in report:
         click.echo(f"{report['patients_scored']} out-of-fold patients: {format_scores(report['metrics'])}")
         click.echo(f"wrote {out / 'oof.md'}, {out / 'oof_volumes.csv'} and {out / 'oof_volumes.json'}")
@@ -393,7 +391,8 @@ def cross_validate_command(data: Path, folds: int, modality: str, out: Path, reu
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <case-id>.nii.gz (and <case-id>.npz with --save-probabilities).")
-@volume_options
+@ensemble_option
+@volume_options("tta", "clean", "device", "checkpoint")
 @click.option("--labels", "convention", type=click.Choice(LABEL_CONVENTIONS), default="auto", show_default=True,
               help="How enhancing tumour is written: auto = as the input's naming expects (4 for 2018-2021 names such "
                    "as BraTS2021_00000, 3 for the 2023 family); brats2023 = always 3; brats2021 = always 4.")
@@ -401,11 +400,9 @@ def cross_validate_command(data: Path, folds: int, modality: str, out: Path, reu
               help="Also write <case-id>.npz: float16 probabilities (outputs, X, Y, Z) in the input's voxel order, "
                    "their names and the affine.")
 @click.option("--overwrite", is_flag=True, help="Predict cases whose output already exists again (default: skip them).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--checkpoint", default="best.pt", show_default=True)
 @one_line_errors
-def predict(run_dir: Path, inputs: tuple[Path, ...], out: Path, ensemble: tuple[Path, ...], tta: bool, clean: bool,
-            convention: str, save_probabilities: bool, overwrite: bool, device: str, checkpoint: str) -> None:
+def predict(run_dir: Path, inputs: tuple[Path, ...], out: Path, ensemble: tuple[Path, ...], volume: VolumeOptions,
+            convention: str, save_probabilities: bool, overwrite: bool) -> None:
     """Segment every brain slice of new cases with the model in RUN_DIR (or an ensemble it leads).
 
     INPUTS are BraTS case folders or folders holding them (every case found, as `brats-build build` finds them).
@@ -415,11 +412,11 @@ def predict(run_dir: Path, inputs: tuple[Path, ...], out: Path, ensemble: tuple[
     (predict_scores.csv). Cases already written are skipped unless --overwrite; a case that cannot be read or
     matched is listed and skipped, the others are written.
     """
-    from trainer.predict import predict_cases
+    from trainer.commands.predict import predict_cases
 
-    reports, skipped, segmenter = predict_cases(run_dir, list(inputs), out, device, checkpoint, clean,
-                                                ensemble=ensemble, tta=tta, labels=convention,
-                                                save_probabilities=save_probabilities, overwrite=overwrite)
+    reports, skipped, segmenter = predict_cases(run_dir, list(inputs), out, volume, ensemble=ensemble,
+                                                labels=convention, save_probabilities=save_probabilities,
+                                                overwrite=overwrite)
     click.echo(f"models: {segmenter.describe()}; {segmenter.rule_note}")
     for report in reports:
         speed = f"{report['brain_slices']} brain slices at {report['slices_per_second']:.1f} slices/s"
@@ -438,13 +435,13 @@ def predict(run_dir: Path, inputs: tuple[Path, ...], out: Path, ensemble: tuple[
                    "'brats2d[export]').")
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="The file to write (default RUN_DIR/model.pt or model.onnx); a JSON sidecar goes beside it.")
-@click.option("--checkpoint", default="best.pt", show_default=True)
+@volume_options("checkpoint")
 @one_line_errors
-def export(run_dir: Path, fmt: str, out: Path | None, checkpoint: str) -> None:
+def export(run_dir: Path, fmt: str, out: Path | None, volume: VolumeOptions) -> None:
     """Export the network of RUN_DIR for other runtimes, with a JSON sidecar naming its input channels (in order),
     normalisation and outputs. The graph takes normalised (N, C, H, W) slices, H and W multiples of 32, and returns
     logits; it does not read NIfTI or clean up (use `brats-train predict` for whole volumes)."""
-    from trainer.export import export_model
+    from trainer.commands.export import export_model
 
-    written, sidecar = export_model(run_dir, fmt, out, checkpoint)
+    written, sidecar = export_model(run_dir, fmt, out, volume.checkpoint)
     click.echo(f"wrote {written} and {sidecar}")

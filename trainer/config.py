@@ -9,22 +9,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Union
 
-import torch
-
 from builder.format import MAX_CONTEXT, MODALITIES, canonical_modality
 from trainer.tasks import OUTPUTS, TASKS
-from trainer.transforms import NORMALISATIONS
 
 LOSSES = ("ce+dice", "ce", "dice", "focal+dice")
 CACHES = ("auto", "stream", "device")
 SCHEDULES = ("poly", "cosine", "constant")
+#: Per-slice intensity normalisations over brain pixels (``trainer.data.transforms.normalise``).
+NORMALISATIONS = ("zscore", "minmax")
 MAX_FOLDS = 20
-#: The batch size when none is given: what a CPU gets through in reasonable time, and what fills a GPU.
-DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 64}
-
-
-class FitError(Exception):
-    """A run that cannot start as configured; one line naming the problem and the fix."""
 
 
 @dataclass
@@ -41,7 +34,7 @@ class FitConfig:
     norm: str = "zscore"
     epochs: int = 50
     max_steps: int | None = None
-    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE of the device, at most the train split
+    batch_size: int | None = None  # None: trainer.device.DEFAULT_BATCH_SIZE of the device, at most the train split
     lr: float = 1e-3
     schedule: str = "constant"
     warmup_epochs: float = 0.0
@@ -174,19 +167,3 @@ def _describe(hint: Any) -> str:
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
     return {type(None): "none", bool: "true/false", int: "a whole number", float: "a number", str: "text"}.get(hint, "?")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FitError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FitError(f"--device {name}: not a device torch knows; use auto, cpu, cuda or cuda:N") from None
-
-
-def default_batch_size(device: torch.device, train_rows: int) -> int:
-    """The device's default batch size, but never more than the train split holds."""
-    return min(DEFAULT_BATCH_SIZE.get(device.type, DEFAULT_BATCH_SIZE["cpu"]), train_rows)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from builder.processes import process_alive
-from trainer.config import FitConfig, FitError
-from trainer.reports import OutputError
+from trainer.config import FitConfig
+from trainer.errors import CommandError, OutputError
 
 CONFIG_FILE = "config.json"
 #: The layout of config.json: 1 before it was recorded, 2 with context, plane, folds and this number.
@@ -59,7 +59,7 @@ def held(run_dir: Path) -> Iterator[None]:
         except FileExistsError:
             owner = _owner(lock)
             if owner is not None and owner != os.getpid() and process_alive(owner):
-                raise FitError(f"{run_dir}: in use by a live fit (process {owner}); wait for it to end or stop it, "
+                raise CommandError(f"{run_dir}: in use by a live fit (process {owner}); wait for it to end or stop it, "
                                "then resume") from None
             lock.unlink(missing_ok=True)  # left by a process that died: take it over
             continue
@@ -70,7 +70,7 @@ def held(run_dir: Path) -> Iterator[None]:
             file.write(str(os.getpid()))
         break
     else:
-        raise FitError(f"{run_dir}: its lock {lock.name} keeps coming back; is another fit starting on it?")
+        raise CommandError(f"{run_dir}: its lock {lock.name} keeps coming back; is another fit starting on it?")
     try:
         yield
     finally:
@@ -86,41 +86,41 @@ def _owner(lock: Path) -> int | None:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """The saved options of a run (its config.json), checked; FitError in one line when they are not usable."""
+    """The saved options of a run (its config.json), checked; CommandError in one line when they are not usable."""
     try:
         values = json.loads(path.read_text())
     except OSError as error:
-        raise FitError(f"{path}: cannot be read ({error.strerror or error})") from None
+        raise CommandError(f"{path}: cannot be read ({error.strerror or error})") from None
     except ValueError:
-        raise FitError(f"{path}: not JSON; give a run's config.json") from None
+        raise CommandError(f"{path}: not JSON; give a run's config.json") from None
     if not isinstance(values, dict) or "modality" not in values or "artifact" not in values:
-        raise FitError(f"{path}: not a brats2d run configuration; give the config.json of a run folder")
+        raise CommandError(f"{path}: not a brats2d run configuration; give the config.json of a run folder")
     version = values.get("config_version", 1)
     if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
-        raise FitError(f"{path}: a run configuration of version {str(version)[:20]}, this brats2d reads versions 1 to "
+        raise CommandError(f"{path}: a run configuration of version {str(version)[:20]}, this brats2d reads versions 1 to "
                        f"{CONFIG_VERSION}; use the brats2d that wrote it, or start the run anew")
     try:
         FitConfig.from_dict(values, str(path))
     except ValueError as error:
-        raise FitError(str(error)) from None
+        raise CommandError(str(error)) from None
     return values
 
 
 def resume_point(run_dir: Path) -> tuple[dict[str, Any], Path | None]:
     """What ``--resume run_dir`` continues from: (saved options, its last.pt), or (options, None) for a run killed
     before its first checkpoint, which then starts again from its first epoch in the same folder."""
-    from trainer.model import read_checkpoint
+    from trainer.training.model import read_checkpoint
 
     if not run_dir.is_dir():
-        raise FitError(f"{run_dir}: no such run folder")
+        raise CommandError(f"{run_dir}: no such run folder")
     state = run_dir / "last.pt"
     if state.is_file():
         return read_checkpoint(state, resume=True)["config"], state
     if (run_dir / "best.pt").is_file():
-        raise FitError(f"{run_dir}: this run finished and kept no resume state (last.pt); runs trained with "
+        raise CommandError(f"{run_dir}: this run finished and kept no resume state (last.pt); runs trained with "
                        f"--keep-last can be extended; train a new one with its options: brats-train fit --config "
                        f"{run_dir / CONFIG_FILE}")
     if (run_dir / CONFIG_FILE).is_file():
         return read_config(run_dir / CONFIG_FILE), None
-    raise FitError(f"{run_dir}: nothing to resume (no config.json, no checkpoint): the run died before it started; "
+    raise CommandError(f"{run_dir}: nothing to resume (no config.json, no checkpoint): the run died before it started; "
                    f"delete {run_dir} and start it again")

@@ -45,6 +45,11 @@ class LesionRule:
     min_volume_mm3: float = 50.0
 
 
+def region_names(task: str) -> tuple[str, ...]:
+    """The regions a task's label maps are scored on: a binary (whole tumour) model has WT only."""
+    return ("WT",) if task == "binary" else tuple(REGIONS)
+
+
 def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
     """Boolean mask of a BraTS region (``builder.format.REGIONS``) in a label volume."""
     return np.isin(labels, REGIONS[region])

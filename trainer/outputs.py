@@ -15,9 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
-class OutputError(Exception):
-    """An output that could not be written; the message is one line naming it and what to do."""
+from trainer.errors import OutputError
 
 
 @contextmanager
@@ -73,7 +71,8 @@ def write_json(path: Path, value: Any) -> None:
 class BackgroundWriter:
     """Writes outputs (checkpoints, plots) on one background thread, in order, while training goes on: on a GPU an
     epoch can take about as long as writing a checkpoint. At most one write is in flight; a failed write is
-    raised (e.g. as OutputError) at the next ``submit`` or at ``wait``."""
+    raised (e.g. as OutputError) at the next ``submit`` or at ``wait``. As a context manager it finishes the last
+    write on leaving, and lets an error already on its way out win over the write's."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brats2d-writer")
@@ -88,6 +87,12 @@ class BackgroundWriter:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.close(failing=kind is not None)
 
     def close(self, failing: bool = False) -> None:
         """Finish the last write; when the caller is already ``failing``, its error matters more than the write's."""

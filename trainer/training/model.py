@@ -12,12 +12,9 @@ import torch
 from torch import nn
 
 from builder.format import MODALITIES
-from trainer.reports import atomic_output
+from trainer.errors import ModelError
+from trainer.outputs import atomic_output
 from trainer.tasks import OUTPUTS
-
-
-class ModelError(Exception):
-    """A model that cannot be built as asked; the message is one line with the fix."""
 
 
 def architectures() -> list[str]:

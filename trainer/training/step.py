@@ -16,9 +16,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.config import FitConfig
-from trainer.metrics import SegmentationMetrics
-from trainer.pipeline import Batches, autocast_context
+from trainer.data.inputs import NetworkInputs
+from trainer.device import autocast_context
 from trainer.tasks import probabilities, region_targets
+from trainer.training.metrics import SegmentationMetrics
 
 #: Exponent of the polynomial decay, as nnU-Net uses it.
 POLY_EXPONENT = 0.9
@@ -112,7 +113,7 @@ class Optimiser:
         self.scaler.load_state_dict(state["scaler"])
 
 
-def train_step(network: nn.Module, batches: Batches, images: torch.Tensor, labels: torch.Tensor,
+def train_step(network: nn.Module, batches: NetworkInputs, images: torch.Tensor, labels: torch.Tensor,
                generator: torch.Generator, loss_fn: nn.Module, optimiser: Optimiser, amp_dtype: torch.dtype | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimiser step on a stored batch: device-side augmentation and crops, forward, backward, clipped update.
@@ -140,8 +141,8 @@ def per_slice_loss(loss_fn: nn.Module, logits: torch.Tensor, target: torch.Tenso
     return torch.stack([loss_fn(logits[i : i + 1], target[i : i + 1]) for i in range(len(target))]).mean()
 
 
-def evaluate(model: nn.Module, source: Iterable, batches: Batches, amp_dtype: torch.dtype | None,
-             keep_per_slice: bool = False, kept: list[torch.Tensor] | None = None) -> SegmentationMetrics:
+def evaluation_pass(model: nn.Module, source: Iterable, batches: NetworkInputs, amp_dtype: torch.dtype | None,
+                    keep_per_slice: bool = False, kept: list[torch.Tensor] | None = None) -> SegmentationMetrics:
     """Metrics of ``model`` over ``source`` (this rank's share; call ``all_reduce`` for the whole split).
 
     With a ``kept`` list, each batch's probabilities (``trainer.tasks.probabilities``) are appended to it (float16, on

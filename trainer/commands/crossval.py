@@ -19,26 +19,28 @@ from typing import Any
 import numpy as np
 
 from builder.progress import Progress
-from trainer.cleanup import DEFAULT_CLEAN_UP, CleanUp, CleanUpTrial, clean_up, save_choice
-from trainer.config import FitConfig, FitError, resolve_device
-from trainer.ensemble import Segmenter
-from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, scorable
-from trainer.metrics import region_names
-from trainer.pipeline import open_artifact
-from trainer.reports import atomic_output, write_csv, write_json, write_text
-from trainer.scoring import score_case
-from trainer.statistics import INTERVAL, MIN_PATIENTS
-from trainer.train import fit_each
+from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, scorable
+from trainer.config import FitConfig
+from trainer.data.inputs import open_artifact
+from trainer.errors import CommandError
+from trainer.inference.ensemble import Segmenter
+from trainer.inference.options import VolumeOptions
+from trainer.outputs import atomic_output, write_csv, write_json, write_text
+from trainer.scoring.brats import region_names, score_case
+from trainer.scoring.cleanup import DEFAULT_CLEAN_UP, CleanUp, CleanUpTrial, clean_up, rule_for, save_choice
+from trainer.scoring.statistics import INTERVAL, MIN_PATIENTS
+from trainer.training.loop import fit_each
 
 
 def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, volumes_dir: Path | None = None,
-                   tta: bool = False, choose: bool = False, clean: bool = True) -> dict[str, Any]:
+                   options: VolumeOptions = VolumeOptions(), choose: bool = False) -> dict[str, Any]:
     """Train (or keep, with ``reuse``) the ``folds`` fold runs of ``base`` in ``out``; with ``volumes_dir``, segment
     every patient with the run that held it out, score the out-of-fold predictions and (``choose``) choose the
     clean-up on them: each fold is scored with the rule chosen on the other folds' patients, and every fold run
-    stores the rule chosen on all of them (for test patients and new cases)."""
+    stores the rule chosen on all of them (for test patients and new cases). Volumes are segmented as ``options``
+    say (mirrored or not, cleaned up or not) on ``base.device``."""
     if choose and volumes_dir is None:
-        raise FitError("--choose-clean-up chooses on out-of-fold predictions of whole volumes: give --volumes DIR")
+        raise CommandError("--choose-clean-up chooses on out-of-fold predictions of whole volumes: give --volumes DIR")
     configs = {f"fold-{k}": replace(base, folds=folds, fold=k, name=f"fold-{k}") for k in range(folds)}
     artifact = open_artifact(configs["fold-0"])  # checks the folds: none may be empty
     for config in list(configs.values())[1:]:
@@ -46,30 +48,30 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
     runs = fit_each(configs, artifact, out, reuse)
     if volumes_dir is None:
         return {"runs": [str(run) for run in runs.values()]}
-    device = resolve_device(base.device)
+    raw_labels = VolumeOptions(options.tta, clean=False, device=base.device)  # each rule is applied when scoring
     regions = region_names(base.task)
     trial = CleanUpTrial(regions) if choose else None
     predicted: list[dict[str, Any]] = []  # per patient: fold, case, where its raw labels are
     skipped: list[dict[str, str]] = []
     for k, run_dir in enumerate(runs.values()):
-        segmenter = Segmenter.load([run_dir], "best.pt", device, tta, clean=False)
+        segmenter = Segmenter.load([run_dir], raw_labels)
         held_out = open_artifact(segmenter.config).cases_of("val")
         cases, missing = cases_for(volumes_dir, held_out)
         skipped += missing
         for volumes in scorable(cases, segmenter.read, skipped, f"fold {k} held-out volumes"):
-            raw, _, run = segmenter.segment(volumes, device, progress=False)
-            labels, truth = volumes.in_input_space(raw), volumes.in_input_space(volumes.truth)
+            done = segmenter.segment(volumes, progress=False)
+            labels, truth = volumes.in_input_space(done.raw), volumes.in_input_space(volumes.truth)
             path = out / "oof" / f"{volumes.case_id}.npz"
             path.parent.mkdir(exist_ok=True)
             with atomic_output(path, suffix=".npz") as partial:
                 np.savez_compressed(partial, labels=labels, truth=truth, spacing=volumes.input_spacing)
             if trial is not None:
                 trial.add(volumes.case_id, labels, truth, volumes.input_spacing)
-            predicted.append({"fold": k, "case_id": volumes.case_id, "path": path, "seconds": run.seconds})
+            predicted.append({"fold": k, "case_id": volumes.case_id, "path": path, "seconds": done.result.seconds})
     if not predicted:
-        raise FitError(f"{volumes_dir}: no held-out patient could be segmented (first problem: "
+        raise CommandError(f"{volumes_dir}: no held-out patient could be segmented (first problem: "
                        f"{skipped[0]['reason'] if skipped else 'none found'})")
-    rules = _rules(trial, predicted, folds, clean)
+    rules = _rules(trial, predicted, folds, options.clean)
     results = VolumeResults(skipped=skipped)
     for item in Progress(predicted, "scoring out-of-fold volumes", unit="case"):
         saved = np.load(item["path"])
@@ -83,11 +85,11 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
     if trial is not None:
         for run_dir in runs.values():
             stored = save_choice(run_dir, trial, f"the out-of-fold predictions of {folds} folds: "
-                                 f"{len(trial.scores)} patients", members=[str(run_dir)], tta=tta)
+                                 f"{len(trial.scores)} patients", members=[str(run_dir)], tta=options.tta)
     report = {"folds": folds, "runs": [str(run) for run in runs.values()], "volumes": str(volumes_dir),
-              "patients_scored": len(results.rows), "test_time_mirroring": tta,
+              "patients_scored": len(results.rows), "test_time_mirroring": options.tta,
               "clean_up": ("chosen per fold on the other folds' out-of-fold predictions" if trial is not None
-                           else "none" if not clean else f"the default: {DEFAULT_CLEAN_UP.describe()}"),
+                           else _unchosen(options.clean)),
               "clean_up_stored": stored.describe() if stored is not None else None,
               "definition": VOLUME_DEFINITION, "metrics": results.summary(), "skipped": skipped}
     write_csv(out / "oof_volumes.csv", results.rows)
@@ -101,13 +103,19 @@ def _rules(trial: CleanUpTrial | None, predicted: list[dict[str, Any]], folds: i
     """The clean-up each fold is scored with: chosen on the other folds' patients (never on its own), else the
     default (or none)."""
     if trial is None:
-        return {k: DEFAULT_CLEAN_UP if clean else None for k in range(folds)}
+        return {k: rule_for(clean)[0] for k in range(folds)}
     chosen = {}
     for k in range(folds):
         others = CleanUpTrial(trial.regions, trial.rules,
                               {p["case_id"]: trial.scores[p["case_id"]] for p in predicted if p["fold"] != k})
         chosen[k] = others.best()[0] if others.scores else DEFAULT_CLEAN_UP
     return chosen
+
+
+def _unchosen(clean: bool) -> str:
+    """The report's words for the rule every fold was scored with when none was chosen."""
+    rule, _ = rule_for(clean)
+    return "none" if rule is None else f"the default: {rule.describe()}"
 
 
 def _table(report: dict[str, Any], regions: tuple[str, ...]) -> str:

@@ -1,35 +1,30 @@
-"""Stream rows of the builder's HDF5 artifact (datasets/FORMAT.md) into batches, never the whole file into RAM.
-
-Each DataLoader worker opens the file itself, read-only and lazily (h5py handles survive neither pickling nor
-fork), reads only the modalities the run needs, one chunk per modality per row, and returns the stored dtype:
-conversion to float and normalisation happen on the device (``trainer.transforms``), where they are cheap.
-"""
+"""The builder's HDF5 artifact (datasets/FORMAT.md) as the trainer sees it: its metadata read and checked once, its
+identity (build id, SHA-256, the file on disk), and the patients of each split or cross-validation fold."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter the builder compresses with)
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from builder.checks import format_problems
 from builder.format import (
     BACKGROUND,
     CASE_ID,
-    CONTEXT_GROUP,
     DATA_ID,
     DEFAULT_AXIS_CODES,
     DEFAULT_VOXEL_SIZE,
     FORMAT_VERSION,
     LABELS,
+    PEOPLE_ONLY,
     READABLE_VERSIONS,
+    ROOT_ATTRIBUTES,
     SEG,
     SLICE_INDEX,
     SPLIT_GROUP,
@@ -39,19 +34,7 @@ from builder.format import (
 )
 from builder.layout import patient_of
 from builder.split import fold_of
-
-#: Stored dtypes torch cannot hold are widened in the worker; the rest travel as stored.
-_TORCH_UNSUPPORTED = {np.dtype("uint16"), np.dtype("uint32"), np.dtype("uint64")}
-
-
-class ArtifactError(Exception):
-    """The file is not a usable brats2d artifact; the message is one line naming the file and the fix."""
-
-
-#: The root attributes the trainer reads (others, such as the list of skipped cases, are never decoded).
-_ATTRIBUTES = ("format_version", "modalities", "axis_codes", "voxel_size", DATA_ID, "builder_version", "created",
-               "seed", "source", "slice_rule", "cases_written", "background_slices", "split_unit", "compression",
-               "plane", "slice_axis", "context")
+from trainer.errors import ArtifactError
 
 FileStamp = tuple[int, int, int, int]
 
@@ -121,7 +104,7 @@ class Artifact:
             if problems:
                 raise ArtifactError(f"{path}: {problems[0]}; the file is damaged or was edited: check it with "
                                     f"`brats-build verify {path}`, or rebuild it")
-            provenance = {key: attributes[key] for key in _ATTRIBUTES if key in attributes}
+            provenance = {key: attributes[key] for key in ROOT_ATTRIBUTES if key in attributes and key not in PEOPLE_ONLY}
             rows = f[SEG].shape[0]
             context = int(provenance.get("context") or 0)
             splits = {name: f[SPLIT_GROUP][name][()] for name in SPLITS}
@@ -217,174 +200,3 @@ class Artifact:
             raise ArtifactError(f"{self.path}: holds {self.context} neighbouring slice(s) on each side, the run asks for "
                                 f"--context {context}; use --context {self.context} or less, or rebuild with "
                                 f"`brats-build build ... --context {context}`")
-
-
-def neighbours_kept(stored: int, wanted: int) -> slice:
-    """Which of a row's ``2 * stored`` neighbouring slices (``context_offsets(stored)``) a run with ``wanted`` on each
-    side reads: the ``wanted`` nearest on each side, in the same order."""
-    return slice(stored - wanted, stored + wanted)
-
-
-def with_context(center: np.ndarray, neighbours: np.ndarray | None, context: int) -> np.ndarray:
-    """(C, H, W) slices and their (C, 2K, H, W) neighbours as one (C * (2K + 1), H, W) stack: each channel's
-    slices in order, from ``-context`` to ``+context`` (the network's input channels)."""
-    if not context:
-        return center
-    assert neighbours is not None
-    return np.concatenate([neighbours[:, :context], center[:, None], neighbours[:, context:]], 1).reshape(
-        -1, *center.shape[1:])
-
-
-class SliceDataset(Dataset):
-    """Rows ``rows`` of the artifact: (image (C, H, W) in the stored dtype, seg (H, W) uint8, row index).
-
-    With ``context`` K, each channel comes with its K neighbouring slices on each side (``with_context``): C becomes
-    channels x (2K + 1). With a ``stamp`` (``file_stamp`` when the run opened the file), a worker that opens a
-    replaced file stops instead of reading rows the run never chose. Every label read is checked to lie in 0..3.
-    """
-
-    def __init__(self, path: Path | str, rows: np.ndarray, channels: Sequence[str], stamp: FileStamp | None = None,
-                 context: int = 0, stored_context: int = 0) -> None:
-        self.path = str(path)
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.channels = tuple(channels)
-        self.stamp = stamp
-        self.context = context
-        self.kept = neighbours_kept(stored_context, context)
-        self._datasets: dict[str, h5py.Dataset] | None = None
-        self._pid = -1
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _open(self) -> dict[str, h5py.Dataset]:
-        if self._datasets is None or self._pid != os.getpid():  # a forked worker must not share the parent's handle
-            # rdcc_nbytes=0: each row is one whole chunk, so a chunk cache only costs copies and memory.
-            f = h5py.File(self.path, "r", rdcc_nbytes=0)
-            if self.stamp is not None and file_stamp(self.path) != self.stamp:
-                f.close()
-                raise replaced(self.path)
-            names = (*self.channels, SEG, CASE_ID, *(f"{CONTEXT_GROUP}/{c}" for c in self.channels if self.context))
-            self._datasets = {name: f[name] for name in names}  # looked up once, not per row
-            self._pid = os.getpid()
-        return self._datasets
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        datasets = self._open()
-        row = int(self.rows[index])
-        image = np.stack([datasets[c][row] for c in self.channels])  # one chunk per channel, never fancy indexing
-        if self.context:  # one more chunk per channel: its neighbouring slices
-            neighbours = np.stack([datasets[f"{CONTEXT_GROUP}/{c}"][row][self.kept] for c in self.channels])
-            image = with_context(image, neighbours, self.context)
-        if image.dtype in _TORCH_UNSUPPORTED:
-            image = image.astype(np.float32)
-        seg = datasets[SEG][row]
-        if seg.max() >= len(LABELS):  # about 5 us a row
-            raise label_error(self.path, row, datasets[CASE_ID].asstr()[row], int(seg.max()))
-        return torch.from_numpy(image), torch.from_numpy(seg), row
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_datasets"], state["_pid"] = None, -1  # h5py handles cannot be pickled (spawn/forkserver workers)
-        return state
-
-
-class ShardSampler(Sampler[int]):
-    """Every index once, split round-robin across ranks without padding, so reduced metrics are exact."""
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def make_loader(
-    dataset: SliceDataset,
-    batch_size: int,
-    train: bool,
-    workers: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader over ``dataset``: shuffled by epoch for training (``set_epoch``), sharded across ranks.
-
-    Training drops the last incomplete batch (a different few rows each epoch): one batch shape means no
-    recompilation under torch.compile and no BatchNorm step on a batch of one.
-    """
-    if train:
-        sampler: Sampler[int] = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
-    else:
-        sampler = ShardSampler(len(dataset), rank, world_size)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        drop_last=train,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-
-
-class DeviceCache:
-    """A whole split resident on the device: batches are drawn there, with no workers and no host copies.
-
-    For files whose needed modalities fit comfortably in device memory (one densest slice per case is
-    about 115 kB per modality at int16). Iterates like a DataLoader over the same sampler logic.
-    """
-
-    def __init__(self, dataset: SliceDataset, batch_size: int, train: bool, seed: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1) -> None:
-        with h5py.File(dataset.path, "r") as f:
-            rows = dataset.rows
-            images = np.stack([_read_rows(f[c], rows) for c in dataset.channels], axis=1)
-            if dataset.context:
-                neighbours = np.stack([_read_rows(f[f"{CONTEXT_GROUP}/{c}"], rows)[:, dataset.kept]
-                                       for c in dataset.channels], axis=1)
-                images = np.stack([with_context(one, around, dataset.context) for one, around in zip(images, neighbours)])
-            labels = _read_rows(f[SEG], rows)
-            bad = np.flatnonzero(labels.reshape(len(rows), -1).max(1) >= len(LABELS))
-            if bad.size:
-                row = int(rows[bad[0]])
-                raise label_error(dataset.path, row, f[CASE_ID].asstr()[row], int(labels[bad[0]].max()))
-        self.images = torch.from_numpy(images).to(device)
-        self.labels = torch.from_numpy(labels).to(device)
-        self.rows = torch.from_numpy(rows)
-        self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.sampler = (
-            DistributedSampler(range(len(rows)), world_size, rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
-            if train
-            else ShardSampler(len(rows), rank, world_size)
-        )
-
-    def __len__(self) -> int:
-        whole, rest = divmod(len(self.sampler), self.batch_size)
-        return whole + (1 if rest and not self.train else 0)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(list(self.sampler), dtype=torch.long)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):  # like make_loader: drop_last in training
-            index = order[start : start + self.batch_size]
-            on_device = index.to(self.images.device)
-            yield self.images[on_device], self.labels[on_device], self.rows[index]
-
-    @staticmethod
-    def nbytes(path: Path, rows: int, channels: Sequence[str], context: int = 0) -> int:
-        with h5py.File(path, "r") as f:
-            per_row = sum(f[c].dtype.itemsize for c in channels) * (2 * context + 1) + 1
-            return rows * per_row * int(np.prod(f[SEG].shape[1:]))
-
-
-def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """Rows one at a time into one array (fancy indexing costs ~11 ms a row in h5py)."""
-    out = np.empty((len(rows), *dataset.shape[1:]), dtype=dataset.dtype)
-    for i, row in enumerate(rows):
-        dataset.read_direct(out, np.s_[int(row)], np.s_[i])
-    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NORMALISATIONS = ("zscore", "minmax")
+from trainer.config import NORMALISATIONS
 
 
 def normalise(images: torch.Tensor, mode: str) -> torch.Tensor:

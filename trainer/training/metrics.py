@@ -21,13 +21,9 @@ import torch
 import torch.distributed as dist
 
 from builder.format import REGIONS
-from trainer.scoring import dice_from_counts
+from trainer.scoring.brats import dice_from_counts, region_names
 from trainer.tasks import classes as classes_of
 from trainer.tasks import encode, label_classes, probabilities
-
-
-def region_names(task: str) -> tuple[str, ...]:
-    return ("WT",) if task == "binary" else tuple(REGIONS)
 
 
 def slice_confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:

@@ -121,32 +121,33 @@ def plot_curves(rows: Sequence[dict[str, float]], path: Path) -> None:
 
 
 def slice_dice(pred: np.ndarray, truth: np.ndarray, task: str) -> float:
-    """The mean region Dice of one slice (``trainer.metrics.region_dice``): what a panel's title reports."""
-    from trainer.metrics import region_dice
+    """The mean region Dice of one slice (``trainer.training.metrics.region_dice``): what a panel's title reports."""
+    from trainer.training.metrics import region_dice
 
     return float(region_dice(torch.as_tensor(pred)[None].long(), torch.as_tensor(truth)[None].long(), task).mean())
 
 
-def plot_samples(checkpoint: Path, artifact, batches, path: Path, count: int = 4) -> None:
+def plot_samples(checkpoint: Path, artifact, inputs, path: Path, count: int = 4) -> None:
     """A few validation slices: the input, the truth and the prediction of the model in ``checkpoint``."""
     from trainer.config import FitConfig
-    from trainer.model import load_model
-    from trainer.pipeline import dataset_for
+    from trainer.data.context import own_slice
+    from trainer.data.inputs import dataset_for
+    from trainer.training.model import load_model
 
-    model, saved = load_model(checkpoint, batches.device)
+    model, saved = load_model(checkpoint, inputs.device)
     config = FitConfig.from_dict(saved)
     rows = artifact.splits["val"][sample_positions(artifact, "val", count)]
     dataset = dataset_for(config, artifact, rows)
     items = [dataset[i] for i in range(len(rows))]
     images, truth = torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items]).numpy()
     with torch.no_grad():
-        inputs, target = batches.inputs(images, torch.from_numpy(truth))
-        pred = classes(probabilities(batches.crop(model(inputs), target), config.task), config.task).cpu().numpy()
+        batch, target = inputs.inputs(images, torch.from_numpy(truth))
+        pred = classes(probabilities(inputs.crop(model(batch), target), config.task), config.task).cpu().numpy()
     if config.task == "binary":
         truth = (truth > 0).astype(np.uint8)
     scale = 2 if config.task == "binary" else 1  # binary: the whole tumour drawn in the oedema colour
     shown = config.channels[-1]
-    centre = images.shape[1] - 1 - config.context  # the last channel's own slice, not a neighbour
+    centre = own_slice(len(config.channels) - 1, config.context)  # the last channel's own slice, not a neighbour
     codes = slice_codes(artifact.axis_codes, artifact.slice_axis)
     fig, axes = _grid(len(rows), 3, 2.5, 2.6)
     for i, row in enumerate(rows):

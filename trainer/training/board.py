@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.config import FitError
+from trainer.errors import CommandError
 
 BOARD_FOLDER = "tensorboard"
 
@@ -40,5 +40,5 @@ def board(run_dir: Path) -> Board:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise FitError("--tensorboard needs the tensorboard package: pip install 'brats2d[tensorboard]'") from None
+        raise CommandError("--tensorboard needs the tensorboard package: pip install 'brats2d[tensorboard]'") from None
     return Board(SummaryWriter(str(run_dir / BOARD_FOLDER)))

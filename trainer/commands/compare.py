@@ -14,18 +14,22 @@ import numpy as np
 import torch
 
 from builder.format import MODALITIES
-from trainer.cleanup import CleanUp, clean_up
-from trainer.config import FitConfig, FitError, resolve_device
-from trainer.data import Artifact
-from trainer.evaluate import VOLUME_DEFINITION, VolumeResults, cases_for, evaluate_rows, per_case, scorable
-from trainer.fusion import mean_probabilities, vote
-from trainer.metrics import SegmentationMetrics
-from trainer.model import load_model
-from trainer.reports import write_csv, write_json, write_text
-from trainer.statistics import INTERVAL, MIN_PATIENTS, NO_INTERVAL, bootstrap_interval, paired_difference
+from trainer.commands.evaluate import evaluate_rows
+from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, per_case, scorable
+from trainer.config import FitConfig
+from trainer.data.artifact import Artifact
+from trainer.device import resolve_device
+from trainer.errors import CommandError
+from trainer.inference.cases import CaseVolumes, Geometry, labels_of, read_case, score
+from trainer.inference.ensemble import Member, Segmenter
+from trainer.inference.fusion import mean_probabilities, vote
+from trainer.inference.options import VolumeOptions
+from trainer.outputs import write_csv, write_json, write_text
+from trainer.scoring.cleanup import CleanUp, clean_up, rule_for
+from trainer.scoring.statistics import INTERVAL, MIN_PATIENTS, NO_INTERVAL, bootstrap_interval, paired_difference
 from trainer.tasks import classes, encode, label_classes
-from trainer.train import fit_each
-from trainer.volumes import Geometry, labels_of, read_case, score, segment
+from trainer.training.loop import fit_each
+from trainer.training.metrics import SegmentationMetrics
 
 APPROACHES = (*MODALITIES, "all")
 LABELS = {"t1n": "T1 native", "t1c": "T1 contrast", "t2w": "T2", "t2f": "FLAIR", "all": "early fusion (4 channels)",
@@ -47,13 +51,12 @@ class Outcome:
     best_val_dice: float | None = None
 
 
-def _predict(run_dir: Path, artifact: Artifact, rows: np.ndarray, device: torch.device, workers: int) -> tuple:
-    """Test-split softmax maps (float16, CPU), per-slice metrics, the run's config and its model."""
-    model, saved = load_model(run_dir / "best.pt", device)
-    config = FitConfig.from_dict({**saved, "data": str(artifact.path), "device": str(device)})
+def _predict(member: Member, artifact: Artifact, rows: np.ndarray, workers: int) -> tuple:
+    """Test-split softmax maps (float16, CPU) and per-slice metrics of one approach's model."""
     chunks: list[torch.Tensor] = []
-    metrics = evaluate_rows(model, config, artifact, rows, device, workers, chunks)
-    return torch.cat(chunks), metrics, config, model
+    metrics = evaluate_rows(member.model, replace(member.config, data=str(artifact.path)), artifact, rows, workers,
+                            chunks)
+    return torch.cat(chunks), metrics
 
 
 def _score_fused(name: str, probabilities: torch.Tensor, targets: torch.Tensor, rows: np.ndarray,
@@ -75,9 +78,10 @@ def _run_summary(run_dir: Path) -> tuple[float, float]:
 
 
 def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, volumes_dir: Path | None = None,
-            volume_cases: int | None = None, rule: CleanUp | None = None, tta: bool = False) -> Path:
+            volume_cases: int | None = None, options: VolumeOptions = VolumeOptions()) -> Path:
     """Train, fuse, score; writes comparison.{csv,md,png,gif} and comparison_cases.csv in ``out`` (and, with
-    ``volumes_dir``, comparison_volumes.{csv,json} with a whole-volume table in comparison.md)."""
+    ``volumes_dir``, comparison_volumes.{csv,json} with a whole-volume table in comparison.md, segmented as
+    ``options`` say on ``base.device``)."""
     out.mkdir(parents=True, exist_ok=True)
     artifact = Artifact.open(base.data)
     artifact.require(MODALITIES)
@@ -89,14 +93,14 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, v
     device = resolve_device(base.device)
     with h5py.File(artifact.path, "r") as f:
         seg = np.stack([f["seg"][int(r)] for r in rows])
+    members = {approach: Member.load(run_dir, "best.pt", device) for approach, run_dir in runs.items()}  # once each
     outcomes: dict[str, Outcome] = {}
-    config = None
-    for approach, run_dir in runs.items():
-        probabilities, metrics, config, model = _predict(run_dir, artifact, rows, device, workers)
-        seconds, best_val = _run_summary(run_dir)
+    for approach, member in members.items():
+        probabilities, metrics = _predict(member, artifact, rows, workers)
+        seconds, best_val = _run_summary(member.run_dir)
         outcomes[approach] = Outcome(approach, probabilities, metrics.compute(), per_case(metrics.per_slice or [], artifact),
-                                     sum(p.numel() for p in model.parameters()), seconds, best_val)
-    assert config is not None
+                                     sum(p.numel() for p in member.model.parameters()), seconds, best_val)
+    config = members["all"].config
     targets = torch.from_numpy(seg > 0 if config.task == "binary" else seg).long()
     singles = [outcomes[m] for m in MODALITIES]
     best = int(np.argmax([o.best_val_dice for o in singles]))
@@ -107,10 +111,9 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, v
                                     config, artifact)
     table = _write_tables(outcomes, out, MODALITIES[best], len(rows))
     if volumes_dir is not None:
-        models = {approach: load_model(run_dir / "best.pt", device)[0] for approach, run_dir in runs.items()}
-        table += "\n" + compare_volumes(models, config, artifact, volumes_dir, best, device, out, volume_cases, rule, tta)
+        table += "\n" + compare_volumes(members, artifact, volumes_dir, best, out, volume_cases, options)
     write_text(out / "comparison.md", table)
-    from trainer.plots import plot_comparison
+    from trainer.training.plots import plot_comparison
 
     plot_comparison(artifact, rows, seg, {k: o.probabilities for k, o in outcomes.items()}, config.task, out, LABELS)
     print(table)
@@ -163,39 +166,39 @@ def _write_tables(outcomes: dict[str, Outcome], out: Path, best_single: str, sli
     return "\n".join(lines) + "\n"
 
 
-def _approach_volumes(models: dict[str, torch.nn.Module], config: FitConfig, images: np.ndarray,
-                      device: torch.device, best: int, tta: bool) -> dict[str, np.ndarray]:
-    """Labels of all seven approaches for one case: five models, then vote and mean fused voxel by voxel."""
-    probabilities, labels = {}, {}
-    for approach, model in models.items():
-        channels = list(MODALITIES) if approach == "all" else [approach]
-        single = replace(config, modality=approach)
-        picked = images[[MODALITIES.index(c) for c in channels]]
-        probabilities[approach] = segment(model, single, picked, device, progress=False, tta=tta).probabilities
-        labels[approach] = labels_of(probabilities[approach], config.task)
-    singles = [classes(torch.from_numpy(probabilities[m])[None], config.task)[0] for m in MODALITIES]
-    voted = vote(singles, best, label_classes(config.task))
-    labels["vote"] = labels_of(encode(voted[None], config.task)[0].numpy(), config.task)
+def _approach_volumes(segmenters: dict[str, Segmenter], volumes: CaseVolumes, best: int, task: str
+                      ) -> dict[str, np.ndarray]:
+    """Labels of all seven approaches for one case: five models (each fed its own channels), then vote and mean
+    fused voxel by voxel."""
+    probabilities = {name: s.probabilities(volumes, progress=False).probabilities for name, s in segmenters.items()}
+    labels = {name: labels_of(p, task) for name, p in probabilities.items()}
+    singles = [classes(torch.from_numpy(probabilities[m])[None], task)[0] for m in MODALITIES]
+    voted = vote(singles, best, label_classes(task))
+    labels["vote"] = labels_of(encode(voted[None], task)[0].numpy(), task)
     mean = mean_probabilities([torch.from_numpy(probabilities[m]) for m in MODALITIES])
-    labels["mean"] = labels_of(mean.numpy(), config.task)
+    labels["mean"] = labels_of(mean.numpy(), task)
     return labels
 
 
-def compare_volumes(models: dict[str, torch.nn.Module], config: FitConfig, artifact: Artifact, volumes_dir: Path,
-                    best: int, device: torch.device, out: Path, limit: int | None, rule: CleanUp | None,
-                    tta: bool = False) -> str:
-    """Score every approach on whole test volumes; write comparison_volumes.{csv,json}; return a Markdown table."""
+def compare_volumes(members: dict[str, Member], artifact: Artifact, volumes_dir: Path, best: int, out: Path,
+                    limit: int | None, options: VolumeOptions) -> str:
+    """Score every approach on whole test volumes (each case's four modalities read once, the fused approaches
+    cleaned up like the others); write comparison_volumes.{csv,json}; return a Markdown table."""
+    config = members["all"].config
+    device = resolve_device(config.device)
+    segmenters = {name: Segmenter.of([member], device, options.tta, clean=False) for name, member in members.items()}
+    rule, _ = rule_for(options.clean)
     wanted = artifact.cases_of("test")
     chosen = wanted[:limit] if limit else wanted
     cases, skipped = cases_for(volumes_dir, chosen)
     results = {name: VolumeResults() for name in LABELS}
     geometry = Geometry.of(config)
     for volumes in scorable(cases, lambda case: read_case(case, MODALITIES, geometry), skipped, "test volumes"):
-        for name, labels in _approach_volumes(models, config, volumes.images, device, best, tta).items():
+        for name, labels in _approach_volumes(segmenters, volumes, best, config.task).items():
             cleaned = labels if rule is None else clean_up(labels, rule)
             results[name].rows.append({"case_id": volumes.case_id, **score(cleaned, volumes, config.task)})
     if not any(r.rows for r in results.values()):
-        raise FitError(f"{volumes_dir}: no test case could be scored (first problem: "
+        raise CommandError(f"{volumes_dir}: no test case could be scored (first problem: "
                        f"{skipped[0]['reason'] if skipped else 'the test split is empty'})")
     regions = [k.split("_")[-1] for k in results["all"].rows[0] if k.startswith("dice_")]
     ranking = {name: np.mean([[row[f"{RANKING}_{r}"] for r in regions] for row in res.rows], axis=1)
@@ -208,7 +211,7 @@ def compare_volumes(models: dict[str, torch.nn.Module], config: FitConfig, artif
     subset = f"the first {len(chosen)} of {len(wanted)} test cases" if len(chosen) < len(wanted) else f"all {len(wanted)} test cases"
     write_json(out / "comparison_volumes.json", {"cases": subset, "cases_scored": len(ids), "skipped": skipped,
                                                  "clean_up": None if rule is None else rule.describe(),
-                                                 "test_time_mirroring": tta,
+                                                 "test_time_mirroring": options.tta,
                                                  "definition": VOLUME_DEFINITION, "best": leader, "approaches": summary})
     return _volume_table(summary, regions, leader, subset, len(ids), skipped, rule)
 

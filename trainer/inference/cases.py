@@ -1,6 +1,5 @@
-"""Whole volumes through a 2D model: read a case in the training data's orientation, segment its brain slices in the
-run's plane (each with its neighbouring slices when the run has context), and map the labels back to the case's own
-space.
+"""A case's volumes for a 2D model: read in the training data's orientation and checked against the model's geometry,
+and the labels drawn from its probabilities written back (and scored) in the case's own space.
 
 Needs nibabel (``pip install 'brats2d[predict]'``): with ``predict`` and ``evaluate --volumes``, the only parts of
 the trainer that read NIfTI.
@@ -20,13 +19,11 @@ import torch
 from builder.format import DEFAULT_AXIS_CODES, DEFAULT_VOXEL_SIZE, SEG
 from builder.labels import to_brats2023
 from builder.layout import Case
-from builder.progress import Progress
-from trainer.config import FitConfig, FitError
-from trainer.metrics import region_names
-from trainer.pipeline import Batches, autocast_context, autocast_dtype
-from trainer.reports import atomic_output
-from trainer.scoring import score_case
-from trainer.tasks import classes, encode, probabilities
+from trainer.config import FitConfig
+from trainer.errors import CaseError, CommandError
+from trainer.outputs import atomic_output
+from trainer.scoring.brats import region_names, score_case
+from trainer.tasks import classes
 
 #: Binary (whole tumour) models write this label: the oedema value, the largest part of most tumours.
 BINARY_LABEL = 2
@@ -34,15 +31,11 @@ BINARY_LABEL = 2
 SPACING_TOLERANCE = 0.01
 
 
-class CaseError(Exception):
-    """A case that cannot be segmented or scored as asked; one line naming the case and the reason."""
-
-
 def nibabel() -> Any:
     try:
         import nibabel as nib
     except ImportError:
-        raise FitError("reading NIfTI volumes needs nibabel: pip install 'brats2d[predict]'") from None
+        raise CommandError("reading NIfTI volumes needs nibabel: pip install 'brats2d[predict]'") from None
     return nib
 
 
@@ -79,12 +72,17 @@ class CaseVolumes:
     """One case's volumes in the training orientation, and what it takes to write results in its own space."""
 
     case_id: str
+    channels: tuple[str, ...]  # the modalities of ``images``, in order
     images: np.ndarray  # (C, X, Y, Z), as stored (raw values)
     truth: np.ndarray | None  # (X, Y, Z) uint8 BraTS 2023 labels, when the case has a seg
     spacing: tuple[float, float, float]  # mm, along the training orientation's axes
     reference: Any  # the first channel's image as given: predictions are written in its space
     to_input: np.ndarray  # nibabel orientation transform from the training orientation back to the input's
     legacy_naming: bool = False  # a 2018-2021 naming, whose label maps write ET as 4
+
+    def of(self, channels: Sequence[str]) -> np.ndarray:
+        """The (C, X, Y, Z) images of ``channels``, in that order (a model picks its inputs by name)."""
+        return self.images[[self.channels.index(c) for c in channels]]
 
     def in_input_space(self, labels: np.ndarray) -> np.ndarray:
         return nibabel().orientations.apply_orientation(labels, self.to_input)
@@ -144,91 +142,8 @@ def read_case(case: Case, channels: Sequence[str], geometry: Geometry, label4: s
         raise CaseError(f"{case.case_id}: unreadable voxel data ({error})") from None
     if volumes.dtype.kind == "f" and not np.isfinite(volumes).all():
         raise CaseError(f"{case.case_id}: NaN or infinite voxels in the input volumes")
-    return CaseVolumes(case.case_id, volumes, truth, tuple(spacing), images[0], back,  # type: ignore[arg-type]
-                       case.legacy_naming)
-
-
-@dataclass(frozen=True)
-class Segmentation:
-    """A model's probabilities (``trainer.tasks``) over a volume, and what the pass cost."""
-
-    probabilities: np.ndarray  # (outputs, X, Y, Z) float16
-    brain_slices: int
-    seconds: float
-
-    @property
-    def slices_per_second(self) -> float:
-        return self.brain_slices / self.seconds if self.seconds > 0 else float("inf")
-
-
-#: Test-time augmentation: each slice also mirrored along one, the other and both of its in-plane axes.
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
-
-
-def context_stack(stack: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
-    """Network inputs for slices ``indices`` of a (C, H, W, S) stack: (len(indices), C * (2K + 1), H, W), each
-    channel's slices from ``-context`` to ``+context`` in order, zeros beyond the volume's edges: the rule the
-    builder stores neighbours by (``trainer.data.with_context``)."""
-    offsets = np.arange(-context, context + 1)
-    at = indices[:, None] + offsets[None, :]
-    inside = (at >= 0) & (at < stack.shape[-1])
-    gathered = stack[..., np.clip(at, 0, stack.shape[-1] - 1)] * inside  # (C, H, W, n, 2K + 1)
-    return np.ascontiguousarray(gathered.transpose(3, 0, 4, 1, 2)).reshape(len(indices), -1, *stack.shape[1:3])
-
-
-def brain_box(brain: np.ndarray) -> tuple[slice, slice]:
-    """The in-plane box holding every brain pixel of a volume's slices ((H, W): any slice's), grown to a multiple
-    of 32 where the slice allows: outside it the network has nothing to see. One box for the whole volume, so that
-    no slice's result depends on another's."""
-    box = []
-    for axis, size in ((1, brain.shape[0]), (0, brain.shape[1])):
-        found = np.flatnonzero(brain.any(axis))
-        start, length = int(found[0]), int(found[-1]) + 1 - int(found[0])
-        wanted = min(size, length + (-length % 32))
-        start = max(0, min(start - (wanted - length) // 2, size - wanted))
-        box.append(slice(start, start + wanted))
-    return box[0], box[1]
-
-
-def empty_probabilities(task: str) -> np.ndarray:
-    """(outputs,) probabilities that say "background" for certain, where the network does not look."""
-    return encode(torch.zeros((1, 1), dtype=torch.long), task)[0, :, 0].numpy()
-
-
-def segment(model: torch.nn.Module, config: FitConfig, images: np.ndarray, device: torch.device,
-            batch_size: int = 16, progress: bool = True, tta: bool = False, box: bool = True) -> Segmentation:
-    """The task's probabilities for a (C, X, Y, Z) stack, slice by slice in the run's plane, each slice with the
-    run's ``context`` neighbours. Slices with no brain skip the network, which sees only the brain's bounding box
-    (padded to a multiple of 32: about half of a BraTS slice; ``box=False``: whole slices, the previous
-    release's pass, which benchmarks compare against). With ``tta``, probabilities are averaged over the slice and
-    its mirror images along its in-plane axes (``TTA_FLIPS``: four passes)."""
-    started = time.perf_counter()
-    stack = np.moveaxis(images, 1 + config.slice_axis, -1)  # (C, H, W, S): slices along the run's axis
-    brain = stack.any(axis=0)
-    slices = np.flatnonzero(brain.any(axis=(0, 1)))
-    out = np.empty((config.classes, *stack.shape[1:]), dtype=np.float16)
-    out[:] = empty_probabilities(config.task)[:, None, None, None]
-    flips = TTA_FLIPS if tta else TTA_FLIPS[:1]
-    if slices.size:
-        rows, cols = brain_box(brain.any(axis=2)) if box else (slice(None), slice(None))
-        cropped = stack[:, rows, cols]
-        batches = Batches(config, cropped.shape[1:3], device)
-        starts = range(0, len(slices), batch_size)
-        with torch.no_grad(), autocast_context(device, autocast_dtype(device, config.amp)):
-            for start in Progress(starts, f"{len(slices)} {config.plane} slices", unit="batch", show=progress,
-                                  leave=False):
-                zs = slices[start : start + batch_size]
-                stored = torch.from_numpy(context_stack(cropped, zs, config.context))
-                no_labels = torch.zeros((len(zs), *stored.shape[-2:]), dtype=torch.uint8)
-
-                def mirrored(dims: tuple[int, ...]) -> torch.Tensor:
-                    inputs, target = batches.inputs(stored.flip(dims) if dims else stored, no_labels)
-                    probs = probabilities(batches.crop(model(inputs), target).float(), config.task)
-                    return probs.flip(dims) if dims else probs
-
-                mean = sum(mirrored(dims) for dims in flips) / len(flips)
-                out[:, rows, cols, zs] = mean.half().cpu().numpy().transpose(1, 2, 3, 0)
-    return Segmentation(np.moveaxis(out, -1, 1 + config.slice_axis), len(slices), time.perf_counter() - started)
+    return CaseVolumes(case.case_id, tuple(channels), volumes, truth, tuple(spacing),  # type: ignore[arg-type]
+                       images[0], back, case.legacy_naming)
 
 
 def labels_of(probs: np.ndarray, task: str) -> np.ndarray:
@@ -253,7 +168,7 @@ def write_labels(labels: np.ndarray, case: CaseVolumes, path: Path, et_label: in
 
 
 def score(labels: np.ndarray, case: CaseVolumes, task: str) -> dict[str, float]:
-    """The whole-volume scores of ``trainer.scoring`` and how long they took, computed in the case's own voxel
+    """The whole-volume scores of ``trainer.scoring.brats`` and how long they took, computed in the case's own voxel
     order and spacing, as the challenge's code computes them on the files."""
     started = time.perf_counter()
     assert case.truth is not None

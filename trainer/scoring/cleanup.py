@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from trainer.reports import write_json
+from trainer.outputs import write_json
 
 _CONNECTED_26 = np.ones((3, 3, 3), dtype=bool)
 #: (region's labels, the label its dropped components get): outside in, so each step keeps the nesting.
@@ -129,7 +129,7 @@ class CleanUpTrial:
     scores: dict[str, list[float]] = field(default_factory=dict)  # case -> mean lesion-wise Dice per rule
 
     def add(self, case_id: str, labels: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> None:
-        from trainer.scoring import lesion_wise, region_mask
+        from trainer.scoring.brats import lesion_wise, region_mask
 
         dropped: dict[tuple, np.ndarray] = {}  # the size rules are few: each applied once, the ET counts after
         seen: dict[bytes, float] = {}
@@ -148,7 +148,7 @@ class CleanUpTrial:
 
     def table(self) -> list[dict[str, Any]]:
         """Every rule with its mean lesion-wise Dice over the patients scored (patients' time points averaged)."""
-        from trainer.statistics import per_patient
+        from trainer.scoring.statistics import per_patient
 
         ids = list(self.scores)
         means = [float(per_patient(ids, [self.scores[c][i] for c in ids]).mean()) for i in range(len(self.rules))]
@@ -182,3 +182,13 @@ def load_choice(run_dir: Path) -> tuple[CleanUp, str] | None:
         raise ValueError(f"{path}: not a clean-up choice brats2d wrote; delete it, or choose again with "
                          "`brats-train evaluate RUN --volumes DIR --split val --choose-clean-up`") from None
     return rule, f"the clean-up chosen for {run_dir.name} on {record.get('chosen_on', 'validation patients')}: {rule.describe()}"
+
+
+def rule_for(clean: bool, run_dir: Path | None = None) -> tuple[CleanUp | None, str]:
+    """The clean-up a whole-volume command applies and a line saying which: none with ``--no-clean-up``, else the
+    rule chosen for ``run_dir`` (``save_choice``) if there is one, else ``DEFAULT_CLEAN_UP``. The one place where the
+    ``--clean-up`` flag becomes a rule."""
+    if not clean:
+        return None, "no clean-up (--no-clean-up)"
+    chosen = load_choice(run_dir) if run_dir is not None else None
+    return chosen or (DEFAULT_CLEAN_UP, f"the default clean-up: {DEFAULT_CLEAN_UP.describe()}")

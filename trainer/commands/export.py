@@ -16,30 +16,26 @@ from typing import Any
 
 import torch
 
-from trainer.config import FitConfig, FitError
-from trainer.model import load_model
-from trainer.predict import output_names
-from trainer.reports import atomic_output, write_json
+from trainer.commands.predict import output_names
+from trainer.config import FitConfig
+from trainer.data.context import input_names
+from trainer.errors import CommandError
+from trainer.outputs import atomic_output, write_json
+from trainer.training.model import load_model
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
-
-
-def input_names(config: FitConfig) -> list[str]:
-    """The network's input channels in order: ``t1n[-1]``, ``t1n``, ``t1n[+1]``, ... (each modality's slices)."""
-    offsets = range(-config.context, config.context + 1)
-    return [f"{channel}[{offset:+d}]" if offset else channel for channel in config.channels for offset in offsets]
 
 
 def export_model(run_dir: Path, fmt: str, out: Path | None = None, checkpoint: str = "best.pt") -> tuple[Path, Path]:
     """Write the model as ``fmt`` to ``out`` (default ``RUN/model.pt`` or ``model.onnx``) and its sidecar
     ``<out>.json``; returns both paths. Needs the ``onnx`` package for ONNX (``pip install 'brats2d[export]'``)."""
     if fmt not in FORMATS:
-        raise FitError(f"--format {fmt}: use {' or '.join(FORMATS)}")
+        raise CommandError(f"--format {fmt}: use {' or '.join(FORMATS)}")
     if fmt == "onnx":
         try:
             import onnx  # noqa: F401  (torch's exporter needs it)
         except ImportError:
-            raise FitError("--format onnx needs the onnx package: pip install 'brats2d[export]'") from None
+            raise CommandError("--format onnx needs the onnx package: pip install 'brats2d[export]'") from None
     model, saved = load_model(run_dir / checkpoint)
     config = FitConfig.from_dict(saved, str(run_dir / checkpoint))
     out = out or run_dir / f"model{FORMATS[fmt]}"
@@ -61,7 +57,7 @@ def describe(config: FitConfig, fmt: str, checkpoint: Path) -> dict[str, Any]:
     return {
         "format": fmt, "from": str(checkpoint), "task": config.task,
         "input": {"name": "slices", "shape": "(N, C, H, W) float32, H and W multiples of 32",
-                  "channels": input_names(config),
+                  "channels": input_names(config.channels, config.context),
                   "normalisation": f"{config.norm} per slice and channel over its non-zero (brain) pixels; zero "
                                    "outside the brain",
                   "slices": f"{config.plane} (volume axis {config.slice_axis}) of volumes in orientation "

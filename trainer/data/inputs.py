@@ -1,41 +1,27 @@
-"""The device-side batch pipeline: where batches come from (streamed or held on the device) and how stored rows
-become network inputs and targets there, the same way for training, evaluation and whole volumes."""
+"""Where a run's batches come from (streamed from the file or held on the device), and how stored rows become
+network inputs and targets on the device, the same way for training, evaluation and whole volumes."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
 
 from trainer.config import FitConfig
-from trainer.data import Artifact, DeviceCache, SliceDataset, make_loader
-from trainer.distributed import World
-from trainer.transforms import augment, crop, normalise, pad, padding_for, random_crop
+from trainer.data.artifact import Artifact
+from trainer.data.loading import DeviceCache, RowReader, SliceDataset, make_loader
+from trainer.data.transforms import augment, crop, normalise, pad, padding_for, random_crop
 
 #: The device cache is used automatically when the split needs less than this share of free GPU memory.
 DEVICE_CACHE_SHARE = 0.25
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16 (with a grad scaler); no autocast on CPUs."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    """Autocast to ``dtype`` on the device, or nothing when mixed precision is off."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-class Batches:
+class NetworkInputs:
     """Turns stored batches into network inputs and targets on the device, the same way for train and eval."""
 
-    def __init__(self, config: FitConfig, slice_shape: tuple[int, int], device: torch.device) -> None:
+    def __init__(self, config: FitConfig, device: torch.device) -> None:
         self.config, self.device = config, device
-        self.slice_shape = slice_shape
         self.channels_last = device.type == "cuda"
 
     def inputs(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
@@ -74,16 +60,17 @@ def open_artifact(config: FitConfig) -> Artifact:
 
 def dataset_for(config: FitConfig, artifact: Artifact, rows: np.ndarray) -> SliceDataset:
     """The rows a run reads: its channels, each with its ``context`` neighbours."""
-    return SliceDataset(artifact.path, rows, config.channels, artifact.stamp, config.context, artifact.context)
+    return SliceDataset(RowReader(artifact.path, config.channels, artifact.stamp, config.context, artifact.context),
+                        rows)
 
 
 def make_source(config: FitConfig, artifact: Artifact, split: str, train: bool, device: torch.device,
-                world: World, use_cache: bool) -> Iterable:
+                use_cache: bool, rank: int = 0, world_size: int = 1) -> Iterable:
     """Batches of ``split``: a DataLoader streaming from the file, or the split held on the device."""
     dataset = dataset_for(config, artifact, artifact.rows_of(split))
     if use_cache:
-        return DeviceCache(dataset, config.batch_size, train, config.seed, device, world.rank, world.size)
-    return make_loader(dataset, config.batch_size, train, config.workers, config.seed, world.rank, world.size,
+        return DeviceCache(dataset, config.batch_size, train, config.seed, device, rank, world_size)
+    return make_loader(dataset, config.batch_size, train, config.workers, config.seed, rank, world_size,
                        pin_memory=device.type == "cuda")
 
 

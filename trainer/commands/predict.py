@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from builder.layout import Case, find_cases
-from trainer.config import FitError, resolve_device
-from trainer.ensemble import Segmenter, runs_in
-from trainer.reports import atomic_output, write_csv
+from trainer.errors import CaseError, CommandError
+from trainer.inference.cases import CaseVolumes, score, write_labels
+from trainer.inference.ensemble import Segmenter, runs_in
+from trainer.inference.options import VolumeOptions
+from trainer.outputs import atomic_output, write_csv
 from trainer.tasks import REGION_LABELS
-from trainer.volumes import CaseError, CaseVolumes, score, write_labels
 
 #: What ``<case-id>.npz`` holds.
 PROBABILITY_LAYOUT = (
@@ -46,37 +47,35 @@ def find_inputs(inputs: list[Path]) -> list[Case]:
     cases: list[Case] = []
     for path in inputs:
         if not path.is_dir():
-            raise FitError(f"{path}: no such folder (give case folders, or folders holding them)")
+            raise CommandError(f"{path}: no such folder (give case folders, or folders holding them)")
         try:
             found = find_cases(path)
         except ValueError as error:
-            raise FitError(str(error)) from None
+            raise CommandError(str(error)) from None
         if not found:
-            raise FitError(f"{path}: holds no BraTS case folder (expected folders like BraTS-GLI-00000-000/ with "
+            raise CommandError(f"{path}: holds no BraTS case folder (expected folders like BraTS-GLI-00000-000/ with "
                            "<case>-t1n.nii.gz ... files, or BraTS2021_00000/ with _t1 ... _flair files)")
         cases.extend(found)
     ids = [case.case_id for case in cases]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
-        raise FitError(f"case {repeated[0]} is given more than once; each case's output would overwrite the other's")
+        raise CommandError(f"case {repeated[0]} is given more than once; each case's output would overwrite the other's")
     return cases
 
 
-def predict_cases(run_dir: Path, inputs: list[Path], out: Path, device_name: str = "auto",
-                  checkpoint: str = "best.pt", clean: bool = True, progress: bool = True,
-                  ensemble: tuple[Path, ...] = (), tta: bool = False, labels: str = "auto",
+def predict_cases(run_dir: Path, inputs: list[Path], out: Path, options: VolumeOptions = VolumeOptions(),
+                  progress: bool = True, ensemble: tuple[Path, ...] = (), labels: str = "auto",
                   save_probabilities: bool = False, overwrite: bool = False
                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]], Segmenter]:
     """Write ``<case-id>.nii.gz`` for each case found under ``inputs`` in ``out`` (skipping cases already written
-    unless ``overwrite``); returns a report per written case (with the whole-volume scores when the case has a seg,
+    unless ``overwrite``), segmented as ``options`` say; returns a report per written case (with the whole-volume scores when the case has a seg,
     also written to ``predict_scores.csv``), a line per case skipped, and the segmenter used."""
-    device = resolve_device(device_name)
-    segmenter = Segmenter.load(runs_in([run_dir, *ensemble], checkpoint), checkpoint, device, tta, clean)
+    segmenter = Segmenter.load(runs_in([run_dir, *ensemble], options.checkpoint), options)
     cases = find_inputs(inputs)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise FitError(f"{out}: cannot create the output folder ({error.strerror})") from None
+        raise CommandError(f"{out}: cannot create the output folder ({error.strerror})") from None
     reports, skipped = [], []
     for case in cases:
         target = out / f"{case.case_id}.nii.gz"
@@ -89,15 +88,17 @@ def predict_cases(run_dir: Path, inputs: list[Path], out: Path, device_name: str
         except CaseError as error:
             skipped.append({"case_id": case.case_id, "reason": str(error), "kind": "error"})
             continue
-        _, labels_, run = segmenter.segment(volumes, device, progress)
+        done = segmenter.segment(volumes, progress)
         if save_probabilities:
-            _save_probabilities(out / f"{case.case_id}.npz", run.probabilities, volumes, segmenter.config.task)
-        write_labels(labels_, volumes, target, et_label(labels, volumes))
-        report: dict[str, Any] = {"case_id": case.case_id, "output": str(target), "brain_slices": run.brain_slices,
-                                  "predict_seconds": round(run.seconds, 3),
-                                  "slices_per_second": round(run.slices_per_second, 1)}
+            _save_probabilities(out / f"{case.case_id}.npz", done.result.probabilities, volumes,
+                                segmenter.config.task)
+        write_labels(done.labels, volumes, target, et_label(labels, volumes))
+        report: dict[str, Any] = {"case_id": case.case_id, "output": str(target),
+                                  "brain_slices": done.result.brain_slices,
+                                  "predict_seconds": round(done.result.seconds, 3),
+                                  "slices_per_second": round(done.result.slices_per_second, 1)}
         if volumes.truth is not None:
-            report |= score(labels_, volumes, segmenter.config.task)
+            report |= score(done.labels, volumes, segmenter.config.task)
         reports.append(report)
     scored = [r for r in reports if "score_seconds" in r]
     if scored:

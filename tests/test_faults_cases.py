@@ -1,0 +1,95 @@
+"""Faults of the case folders builds and predictions read: unreadable files and folders, upper-case names, hostile
+headers, links back up the tree, too few file descriptors. Each case is skipped with its reason, or the run ends in
+one line, before any voxel of a hostile file is read."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from builder.build import BuildOptions, build
+
+from conftest import builder_cli, limited, trainer_cli, unprivileged
+
+
+def test_unreadable_files_and_folders_are_skipped_with_reasons(case_copy, tmp_path: Path) -> None:
+    source = case_copy(4)
+    cases = sorted(source.iterdir())
+    (cases[0] / f"{cases[0].name}-t2w.nii.gz").chmod(0)
+    cases[1].chmod(0)
+    out = tmp_path / "out.h5"
+    code = ("import sys; from builder.cli import main; "
+            f"sys.argv = ['brats-build', 'build', '{source}', '{out}', '--jobs', '1']; main()")
+    done = subprocess.run(unprivileged([sys.executable, "-c", code]), capture_output=True, text=True)
+    cases[1].chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert f"skipped {cases[0].name}:" in done.stdout and "-t2w.nii.gz: cannot be read (Permission denied)" in done.stdout
+    assert f"skipped {cases[1].name}: folder cannot be read (Permission denied)" in done.stdout
+    assert "from 2/4 cases" not in done.stdout and "from 2/3 cases" in done.stdout
+
+
+def test_upper_case_extensions_are_read(case_copy, tmp_path: Path) -> None:
+    source = case_copy(3)
+    case = sorted(source.iterdir())[0]
+    for path in case.iterdir():
+        path.rename(path.with_name(path.name.replace(".nii.gz", ".NII.GZ")))
+    summary = build(source, tmp_path / "x.h5", BuildOptions(jobs=1, progress=False))
+    assert summary.cases_written == 3 and summary.skipped == []
+
+
+def _huge_header(path: Path) -> None:
+    """A NIfTI that claims 240 x 240 x 32767 int16 voxels (3.8 GB) over a few real bytes."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((240, 240, 32767))
+    header.set_data_dtype(np.int16)
+    header.set_zooms((1.0, 1.0, 1.0))
+    raw = header.binaryblock + b"\0" * (int(header["vox_offset"]) - 348) + b"\0" * 4096
+    path.write_bytes(gzip.compress(raw))
+
+
+def test_hostile_headers_are_skipped_before_any_voxel_is_read(small_cases: Path, small_run: Path,
+                                                             tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    cases = sorted(small_cases.iterdir())[:3]
+    for case in cases:
+        shutil.copytree(case, source / case.name)
+    _huge_header(next((source / cases[0].name).glob("*-t2w.nii.gz")))
+    flat = next((source / cases[1].name).glob("*-t1c.nii.gz"))  # pixdim[3] = 0, which nibabel would read as 1 mm
+    raw = bytearray(gzip.decompress(flat.read_bytes()))
+    struct.pack_into("<f", raw, 88, 0.0)
+    flat.write_bytes(gzip.compress(bytes(raw)))
+    summary = build(source, tmp_path / "x.h5", BuildOptions(jobs=1, progress=False, val_fraction=0, test_fraction=0))
+    reasons = {s.case_id: s.reason for s in summary.skipped}
+    assert "every dimension must be 1 to 1024" in reasons[cases[0].name]
+    assert "voxel size (1.0, 1.0, 0.0) mm" in reasons[cases[1].name] and summary.cases_written == 1
+    predicted = trainer_cli("predict", small_run, source, "--out", tmp_path / "out", "--device", "cpu")
+    assert predicted.exit_code == 1 and "Traceback" not in predicted.output
+    assert f"skipped {cases[0].name}:" in predicted.output and "every dimension must be 1 to 1024" in predicted.output
+    assert (tmp_path / "out" / f"{cases[2].name}.nii.gz").is_file()
+
+
+def test_links_back_up_the_tree_end_the_scan(small_cases: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    for case in sorted(small_cases.iterdir())[:2]:
+        shutil.copytree(case, source / case.name)
+    (source / "again").symlink_to(source, target_is_directory=True)
+    (source / "once more").symlink_to(source, target_is_directory=True)
+    result = builder_cli("build", source, tmp_path / "x.h5", "--jobs", "1", "--val-fraction", "0", "--test-fraction", "0")
+    assert result.exit_code == 0, result.output
+    assert "from 2/2 cases" in result.output and result.output.count("not scanned again") == 2
+
+
+def test_too_few_file_descriptors_for_a_build(small_cases: Path, tmp_path: Path) -> None:
+    code = ("import sys; from builder.cli import main; sys.argv = ['brats-build', 'build', sys.argv[1], sys.argv[2], "
+            "'--jobs', '2']; main()")
+    done = limited("RLIMIT_NOFILE", 16, code, str(small_cases), str(tmp_path / "x.h5"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "ran out of open files" in done.stderr and "fewer --jobs" in done.stderr
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,135 @@
+"""Outputs written whole or not at all: full disks while building and predicting, read-only output folders, signals
+that end a build, partials left by killed builds, and two writers of one output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from builder.build import BuildError, BuildOptions, build
+from builder.extract import SliceRule
+
+from conftest import (
+    builder_cli,
+    file_size_limit,
+    one_error_line,
+    partials,
+    released_together,
+    trainer_cli,
+    unprivileged,
+)
+
+
+def test_full_disk_while_building_leaves_nothing(cases_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "full.h5"
+    out.write_bytes(b"the previous artifact")
+    with file_size_limit(3_000_000), pytest.raises(BuildError) as caught:
+        build(cases_dir, out, BuildOptions(jobs=1, rule=_every_slice(), progress=False))
+    message = str(caught.value)
+    assert "writing failed" in message and "partial file was removed" in message and "\n" not in message
+    assert out.read_bytes() == b"the previous artifact" and partials(tmp_path) == []
+
+
+def _every_slice():
+    return SliceRule(per_case=None)
+
+
+def test_full_disk_while_predicting_leaves_no_partial_mask(small_run: Path, small_cases: Path, tmp_path: Path) -> None:
+    out = tmp_path / "masks"
+    out.mkdir()
+    case = sorted(small_cases.iterdir())[0]
+    with file_size_limit(1_000):
+        result = trainer_cli("predict", small_run, case, "--out", out, "--device", "cpu", "--no-clean-up")
+    line = one_error_line(result)
+    assert f"{case.name}.nii.gz: could not be written" in line
+    assert list(out.iterdir()) == []
+
+
+def test_read_only_output_is_blamed_on_the_output(small_run: Path, small_cases: Path, tmp_path: Path) -> None:
+    out = tmp_path / "readonly"
+    out.mkdir()
+    out.chmod(0o555)
+    case = sorted(small_cases.iterdir())[0]
+    code = ("import sys; from trainer.cli import main; "
+            f"sys.argv = ['brats-train', 'predict', '{small_run}', '{case}', '--out', '{out}', '--device', 'cpu']; main()")
+    done = subprocess.run(unprivileged([sys.executable, "-c", code]), capture_output=True, text=True)
+    out.chmod(0o755)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "could not be written" in done.stderr and "brats-build verify" not in done.stderr
+
+
+def _build_process(source: Path, out: Path) -> subprocess.Popen:
+    code = ("import sys; from builder.cli import main; "
+            f"sys.argv = ['brats-build', 'build', '{source}', '{out}', '--jobs', '2', '--slices-per-case', 'all']; main()")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_a_build_at_once_and_leaves_nothing(cases_dir: Path, tmp_path: Path, signum: int) -> None:
+    out = tmp_path / "signalled.h5"
+    process = _build_process(cases_dir, out)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".signalled.h5.*.partial")) or len(_children(process.pid)) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    process.send_signal(signum)
+    stopped = time.monotonic()
+    _, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - stopped < 5
+    assert process.returncode == 128 + signum and "Traceback" not in stderr
+    assert "removed" in stderr and not out.exists() and partials(tmp_path) == []
+    time.sleep(0.5)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+
+
+def test_partials_of_killed_builds_are_removed_by_the_next(cases_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".x.h5.{int(dead.stdout)}.partial"
+    stale.write_bytes(b"gigabytes, once")
+    alive = tmp_path / f".x.h5.{os.getppid()}.partial"  # a build that still runs keeps its file
+    alive.write_bytes(b"in progress")
+    result = builder_cli("build", cases_dir, out, "--jobs", "1")
+    assert result.exit_code == 0 and f"removed {stale}" in result.output
+    assert not stale.exists() and alive.exists() and out.is_file()
+
+
+def test_two_predictions_of_one_case_into_one_folder(small_run: Path, small_cases: Path, tmp_path: Path) -> None:
+    case, out = small_cases / "BraTS-GLI-00003-000", tmp_path / "out"
+    command = ["predict", str(small_run), str(case), "--out", str(out), "--device", "cpu", "--overwrite",
+               "--save-probabilities"]
+    for done in released_together([command, command], tmp_path / "go"):
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    mask = nib.load(out / "BraTS-GLI-00003-000.nii.gz")  # whole, whichever write came last
+    assert mask.shape == nib.load(next(case.glob("*-t1n.nii.gz"))).shape
+    assert np.load(out / "BraTS-GLI-00003-000.npz")["probabilities"].shape[0] == 4
+    assert not [p for p in out.iterdir() if "partial" in p.name]
