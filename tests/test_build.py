@@ -15,7 +15,8 @@ import pytest
 from builder import writer as writer_module
 from builder.build import BuildError, BuildOptions, build
 from builder.extract import SliceRule
-from builder.format import FORMAT_VERSION, MODALITIES, SPLITS
+from builder.checks import ATTRIBUTES
+from builder.format import FORMAT_VERSION, MODALITIES, ROOT_ATTRIBUTES, SPLITS
 from builder.synth import write_case
 
 from conftest import builder_cli, case_volume, one_error_line
@@ -52,10 +53,12 @@ def test_layout_of_the_file(artifact: Path) -> None:
         assert json.loads(f.attrs["modalities"]) == list(MODALITIES)
         assert json.loads(f.attrs["skipped"]) == []
         assert f.attrs["cases_scanned"] == f.attrs["cases_written"] == f["seg"].shape[0]
-        for key in ("builder_version", "created", "seed", "split_fractions", "slice_rule"):
-            assert key in f.attrs
+        assert sorted(f.attrs) == sorted(ROOT_ATTRIBUTES)  # every attribute written is in the one table, and back
         assert all(isinstance(v, (bytes, np.integer)) for v in f.attrs.values())  # JSON and text, never pickles
         assert f.id.get_create_plist().get_version()[0] == 3  # superblock v3: HDF5's 1.10 format, checksummed
+    spec = (Path(__file__).parents[1] / "datasets" / "FORMAT.md").read_text()
+    assert [key for key in ROOT_ATTRIBUTES if f"`{key}`" not in spec] == []  # the contract names each of them
+    assert set(ATTRIBUTES) <= set(ROOT_ATTRIBUTES)  # and the checks check only attributes of the table
 
 
 def test_splits_disjoint_by_case_and_covering(artifact: Path) -> None:
