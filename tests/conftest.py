@@ -101,19 +101,20 @@ def partials(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if "partial" in p.name]
 
 
-def released_together(commands: list[list[str]], barrier: Path) -> list[subprocess.CompletedProcess]:
-    """Start ``brats-train`` commands, let them import, then release them at once (each waits for ``barrier``)."""
-    wait = ("import sys, time, pathlib\ngo = pathlib.Path(sys.argv.pop(1))\nready = pathlib.Path(sys.argv.pop(1))\n"
-            "import trainer.cli, trainer.training.loop, trainer.commands.predict\nfrom trainer.launch import main\n"
-            "ready.touch()\nwhile not go.exists(): time.sleep(0.005)\nsys.argv[0] = 'brats-train'\nmain()")
-    ready = [barrier.with_name(f"ready-{n}") for n in range(len(commands))]
-    processes = [subprocess.Popen([sys.executable, "-c", wait, str(barrier), str(flag), *command],
+def released_together(setup: str, body: str, arguments: list[list[str]], barrier: Path
+                      ) -> list[subprocess.CompletedProcess]:
+    """One Python process per argument list (``args`` in the code), released at once: each runs ``setup`` (its
+    imports), says it is ready, waits for ``barrier``, then runs ``body``; returns how each ended."""
+    code = (f"import sys, time, pathlib\ngo, ready, args = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), "
+            f"sys.argv[3:]\n{setup}\nready.touch()\nwhile not go.exists(): time.sleep(0.002)\n{body}\n")
+    ready = [barrier.with_name(f"ready-{n}") for n in range(len(arguments))]
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(barrier), str(flag), *args],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for command, flag in zip(commands, ready)]
+                 for args, flag in zip(arguments, ready)]
     deadline = time.monotonic() + 120
     while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
         time.sleep(0.05)
-    barrier.touch()  # every process has loaded the trainer: released together
+    barrier.touch()  # every process has done its imports: released together
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in processes]
 
 
@@ -195,6 +196,19 @@ def small_run(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("runs")
     result = trainer_cli("fit", small_artifact, "-m", "all", "--out", out, *FAST, "--epochs", "1", "--max-steps", "2")
     assert result.exit_code == 0, result.output
+    return next(out.iterdir())
+
+
+#: A run that can be resumed and extended: early stopping out of the way, its resume state kept.
+RESUMABLE_OPTIONS = {"modality": "t1c", "patience": 9, "keep_last": True}
+RESUMABLE = ["-m", "t1c", *FAST, "--patience", "9", "--keep-last"]
+
+
+@pytest.fixture(scope="session")
+def resumable_run(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch RESUMABLE run on ``small_artifact``, made in one go (read-only: copy it to resume or damage it)."""
+    out = tmp_path_factory.mktemp("resumable")
+    assert trainer_cli("fit", small_artifact, "--out", out, *RESUMABLE, "--epochs", "2").exit_code == 0
     return next(out.iterdir())
 
 

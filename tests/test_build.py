@@ -14,8 +14,8 @@ import pytest
 
 from builder import writer as writer_module
 from builder.build import BuildError, BuildOptions, build
-from builder.extract import SliceRule
 from builder.checks import ATTRIBUTES
+from builder.extract import SliceRule
 from builder.format import FORMAT_VERSION, MODALITIES, ROOT_ATTRIBUTES, SPLITS
 from builder.synth import write_case
 

@@ -27,6 +27,7 @@ from conftest import (
     released_together,
     trainer_cli,
     unprivileged,
+    writable_copy,
 )
 
 
@@ -100,13 +101,16 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(small_artifact: Pa
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 0  # still resumable
 
 
-def test_two_runs_with_one_name_get_two_folders(small_artifact: Path, tmp_path: Path) -> None:
-    command = ["fit", str(small_artifact), "-m", "t1n", "--out", str(tmp_path / "runs"), "--name", "same", *FAST,
-               "--epochs", "1", "--max-steps", "1"]
-    for done in released_together([command, command], tmp_path / "go"):
-        assert done.returncode == 0, done.stderr
-    folders = sorted((tmp_path / "runs").iterdir())
-    assert len(folders) == 2 and all((folder / "best.pt").is_file() for folder in folders)
+def test_two_runs_with_one_name_get_two_folders(tmp_path: Path) -> None:
+    """Two processes that start runs of one name at the same moment, 25 times each: every run gets a folder of its own
+    (``new_run_dir``, what `fit` calls: one mkdir that fails when the folder exists, never check-then-create)."""
+    out = tmp_path / "runs"
+    body = "for _ in range(25):\n    print(new_run_dir(pathlib.Path(args[0]), 'same'))"
+    done = released_together("from trainer.training.runs import new_run_dir", body, [[str(out)], [str(out)]],
+                             tmp_path / "go")
+    assert all(d.returncode == 0 for d in done), [d.stderr for d in done]
+    made = [line for d in done for line in d.stdout.split()]
+    assert len(made) == len(set(made)) == 50 and sorted(map(str, out.iterdir())) == sorted(made)
 
 
 def test_a_run_in_use_is_refused_to_a_second_resume(small_artifact: Path, tmp_path: Path) -> None:
@@ -128,11 +132,8 @@ def test_a_run_in_use_is_refused_to_a_second_resume(small_artifact: Path, tmp_pa
     assert "nothing to resume" in line and f"delete {empty}" in line
 
 
-def test_a_damaged_metrics_file_is_read_up_to_the_damage(small_artifact: Path, tmp_path: Path) -> None:
-    out = tmp_path / "runs"
-    assert trainer_cli("fit", small_artifact, "-m", "t1n", "--out", out, *FAST, "--epochs", "2",
-                    "--keep-last").exit_code == 0
-    (run,) = out.iterdir()
+def test_a_damaged_metrics_file_is_read_up_to_the_damage(resumable_run: Path, tmp_path: Path) -> None:
+    run = writable_copy(resumable_run, tmp_path)
     metrics = (run / "metrics.csv").read_text()
     (run / "metrics.csv").write_text(metrics[: len(metrics) - 40])  # cut mid-row
     resumed = trainer_cli("fit", "--resume", run, "--epochs", "3")

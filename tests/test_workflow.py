@@ -14,12 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from builder.build import BuildOptions, build
 from builder.layout import patient_of
 from builder.split import fold_of
 from trainer.cli import main
 from trainer.data.artifact import Artifact
 
-from conftest import FAST, cut_down, fit_killed, one_error_line, trainer_cli
+from conftest import FAST, RESUMABLE, RESUMABLE_OPTIONS, cut_down, fit_killed, one_error_line, trainer_cli
 
 
 def _metrics(run: Path) -> list[dict[str, str]]:
@@ -48,27 +49,48 @@ def test_a_fold_out_of_range_is_one_line(small_artifact: Path, tmp_path: Path) -
     assert "--fold 2" in line and "0 to 1" in line and list(tmp_path.iterdir()) == []
 
 
-def test_cross_validation_scores_out_of_fold_and_its_runs_ensemble(small_artifact: Path, small_cases: Path,
-                                                                    tmp_path: Path) -> None:
-    out = tmp_path / "cv"
-    result = trainer_cli("cross-validate", small_artifact, "--folds", "2", "--out", out, *FAST, "--epochs", "1",
-                    "--max-steps", "2", "--volumes", small_cases, "--choose-clean-up")
+@pytest.fixture(scope="module")
+def cross_validated(small_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """`cross-validate` end to end (2 fold runs, out-of-fold volumes, the clean-up chosen on them) on an artifact of
+    7 of the small cases (6 patients in the folds): (its artifact, the cases, the output folder); read-only."""
+    folder = tmp_path_factory.mktemp("cv")
+    cases = folder / "cases"
+    for case in sorted(small_cases.iterdir())[:7]:
+        shutil.copytree(case, cases / case.name)
+    data = folder / "cv.h5"
+    build(cases, data, BuildOptions(jobs=1, val_fraction=0.25, test_fraction=0.25, progress=False))
+    result = trainer_cli("cross-validate", data, "--folds", "2", "--out", folder / "cv", *FAST, "--epochs", "1",
+                         "--max-steps", "2", "--batch-size", "2", "--volumes", cases, "--choose-clean-up")
     assert result.exit_code == 0, result.output
+    return data, cases, folder / "cv"
+
+
+def test_cross_validation_scores_out_of_fold(cross_validated: tuple[Path, Path, Path]) -> None:
+    data, _, out = cross_validated
     rows = list(csv.DictReader(open(out / "oof_volumes.csv")))
-    artifact = Artifact.open(small_artifact)
-    assert sorted(r["case_id"] for r in rows) == sorted(artifact.cases_of("train") + artifact.cases_of("val"))
+    artifact = Artifact.open(data)
+    pool = artifact.cases_of("train") + artifact.cases_of("val")
+    assert sorted(r["case_id"] for r in rows) == sorted(pool) and len(pool) == 6
     for k in range(2):  # each patient scored from the run that held it out
         held = set(artifact.with_folds(2, k).cases_of("val"))
         assert {r["case_id"] for r in rows if r["fold"] == str(k)} == held
         choice = json.loads((out / f"fold-{k}" / "clean_up.json").read_text())
-        assert choice["chosen_on"] == "the out-of-fold predictions of 2 folds: 9 patients"
+        assert choice["chosen_on"] == "the out-of-fold predictions of 2 folds: 6 patients"
         assert not (out / f"fold-{k}" / "last.pt").exists()  # finished runs keep best.pt only
     assert (out / "oof" / f"{rows[0]['case_id']}.npz").is_file() and "Out-of-fold" in (out / "oof.md").read_text()
-    test_case = artifact.cases_of("test")[0]
-    predicted = trainer_cli("predict", out, small_cases / test_case, "--out", tmp_path / "pred", "--device", "cpu")
+
+
+def test_fold_runs_ensemble_but_never_on_patients_one_of_them_saw(cross_validated: tuple[Path, Path, Path],
+                                                                  tmp_path: Path) -> None:
+    data, cases, out = cross_validated
+    test_case = Artifact.open(data).cases_of("test")[0]
+    predicted = trainer_cli("predict", out, cases / test_case, "--out", tmp_path / "pred", "--device", "cpu")
     assert predicted.exit_code == 0 and "fold-0 (axial, context 0), fold-1 (axial, context 0)" in predicted.output
-    scored = trainer_cli("evaluate", out / "fold-0", "--volumes", small_cases, "--ensemble", out / "fold-1",
-                    "--split", "val", "--device", "cpu")  # fold 1 trained on fold 0's held-out patients
+    runs = tmp_path / "runs"  # evaluate writes into the lead run: copies
+    for k in range(2):
+        shutil.copytree(out / f"fold-{k}", runs / f"fold-{k}")
+    scored = trainer_cli("evaluate", runs / "fold-0", "--volumes", cases, "--ensemble", runs / "fold-1",
+                         "--split", "val", "--device", "cpu")  # fold 1 trained on fold 0's held-out patients
     assert "trained on" in one_error_line(scored) and "must not have seen them" in scored.output
 
 
@@ -131,16 +153,10 @@ def test_predicted_enhancing_tumour_follows_the_input_naming(small_run: Path, tm
 
 # --- re-runs --------------------------------------------------------------------------------------------------------
 
-RESUMABLE_OPTIONS = {"modality": "t1c", "patience": 9, "keep_last": True}
-RESUMABLE = ["-m", "t1c", *FAST, "--patience", "9", "--keep-last"]
-
-
-@pytest.fixture(scope="module")
-def straight_run(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def straight_run(resumable_run: Path) -> Path:
     """A 2-epoch run made in one go: what every resumed, extended or re-made run must equal."""
-    out = tmp_path_factory.mktemp("straight")
-    assert trainer_cli("fit", small_artifact, "--out", out, *RESUMABLE, "--epochs", "2").exit_code == 0
-    return next(out.iterdir())
+    return resumable_run
 
 
 def _same_run(run: Path, straight: Path) -> None:

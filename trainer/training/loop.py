@@ -147,9 +147,9 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
                 state = _resume_state(record, learner, config, world, device) if resume else TrainingState()
                 if world.is_main:
                     _announce(config, artifact, record, world, use_cache, device)
-                _epochs(config, state, learner, batches, record, world, on_epoch_end)
+                best = _epochs(config, state, learner, batches, record, world, on_epoch_end)
             if world.is_main:
-                _finish(config, batches, record)
+                _finish(config, learner, batches, record, best)
         except (Exception, KeyboardInterrupt) as error:
             log.stopped(error)
             raise
@@ -161,10 +161,11 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
 
 
 def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: Batches, record: Record, world: World,
-            on_epoch_end: EpochHook | None) -> None:
-    """Train and validate epoch by epoch until ``config.epochs``, ``max_steps`` or early stopping."""
+            on_epoch_end: EpochHook | None) -> dict[str, Any] | None:
+    """Train and validate epoch by epoch until ``config.epochs``, ``max_steps`` or early stopping; returns the best
+    checkpoint written by these epochs (None if none improved on the resumed run's best)."""
     max_steps = config.max_steps or math.inf
-    last_plot = -math.inf
+    last_plot, written_best = -math.inf, None
     for epoch in range(state.epoch + 1, config.epochs):
         if state.step >= max_steps:
             break
@@ -197,6 +198,8 @@ def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: 
             # best.pt is what inference needs; last.pt what resuming needs (a run that ends here drops it unless
             # --keep-last: the previous one serves a kill)
             best = checkpoint_of(learner.model, config.to_dict()) if improved else None
+            if best is not None:
+                written_best = best  # kept for the sample picture: no reading back what was just written
             last = (checkpoint_of(learner.model, config.to_dict(), **learner.optimiser.state_dict(),
                                   **dataclasses.asdict(state)) if not final or config.keep_last else None)
             record.writer.submit(_write_epoch, record.run_dir, best, last,
@@ -210,6 +213,7 @@ def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: 
         if early_stop:
             record.log(f"early stop: no better {SCORE_KEY} for {config.patience} epochs")
             break
+    return written_best
 
 
 def _train_epoch(config: FitConfig, epoch: int, state: TrainingState, learner: Learner, batches: Batches,
@@ -355,16 +359,18 @@ def _write_epoch(run_dir: Path, best: dict[str, Any] | None, last: dict[str, Any
         plot_curves(rows, run_dir / "curves.png")
 
 
-def _finish(config: FitConfig, batches: Batches, record: Record) -> None:
+def _finish(config: FitConfig, learner: Learner, batches: Batches, record: Record, best: dict[str, Any] | None) -> None:
     """The run is over: the resume state (the optimiser's, 2x the weights) goes unless --keep-last; the sample
-    picture of the best checkpoint is drawn."""
+    picture of the best weights is drawn (those just written, else best.pt's)."""
     from trainer.training.plots import plot_samples
 
     if not config.keep_last:
         (record.run_dir / "last.pt").unlink(missing_ok=True)
-    best = record.run_dir / "best.pt"
-    if best.is_file():
-        plot_samples(best, batches.artifact, batches.inputs, record.run_dir / "samples.png")
+    if best is None and (record.run_dir / "best.pt").is_file():
+        best = read_checkpoint(record.run_dir / "best.pt", batches.inputs.device)
+    if best is not None:
+        learner.model.load_state_dict(best["model"])
+        plot_samples(learner.model.eval(), config, batches.artifact, batches.inputs, record.run_dir / "samples.png")
     if record.board is not None:
         record.board.picture(record.run_dir / "samples.png")
 

@@ -127,15 +127,12 @@ def slice_dice(pred: np.ndarray, truth: np.ndarray, task: str) -> float:
     return float(region_dice(torch.as_tensor(pred)[None].long(), torch.as_tensor(truth)[None].long(), task).mean())
 
 
-def plot_samples(checkpoint: Path, artifact, inputs, path: Path, count: int = 4) -> None:
-    """A few validation slices: the input, the truth and the prediction of the model in ``checkpoint``."""
-    from trainer.config import FitConfig
+def plot_samples(model: torch.nn.Module, config, artifact, inputs, path: Path, count: int = 4) -> None:
+    """A few validation slices: the input, the truth and the prediction of ``model`` (in eval mode, on
+    ``inputs.device``), trained as ``config`` says."""
     from trainer.data.context import own_slice
     from trainer.data.inputs import dataset_for
-    from trainer.training.model import load_model
 
-    model, saved = load_model(checkpoint, inputs.device)
-    config = FitConfig.from_dict(saved)
     rows = artifact.splits["val"][sample_positions(artifact, "val", count)]
     dataset = dataset_for(config, artifact, rows)
     items = [dataset[i] for i in range(len(rows))]
