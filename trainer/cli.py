@@ -103,6 +103,11 @@ def fit_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Per-slice intensity normalisation over brain pixels (zscore) or max-scaling (minmax)."),
         click.option("--epochs", default=50, show_default=True, type=click.IntRange(1)),
         click.option("--max-steps", default=None, type=click.IntRange(1), help="Stop after this many optimiser steps."),
+        click.option("--time-limit", default=None, type=float, metavar="MINUTES",
+                     help="Train and validate for at most this many minutes (counted across --resume): the learning "
+                          "rate schedule runs over the time instead of the steps, and the last epoch is cut so that "
+                          "its validation ends within the budget; --epochs, --max-steps and --patience still end a "
+                          "run earlier (it says so). A killed run resumes with the minutes it has left."),
         click.option("--batch-size", default=None, type=click.IntRange(1),
                      help="Slices per step; default 16 on a CPU, 64 on a GPU (at most the train split)."),
         click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate (AdamW)."),
@@ -159,7 +164,8 @@ def make_config(data: Path, modality: str, out: Path, **options: Any) -> FitConf
 
 
 #: Options a resumed run may take anew: how long it trains (extending it), and where it runs.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "workers", "cache", "keep_last", "quiet", "tensorboard")
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "time_limit", "device", "workers", "cache", "keep_last", "quiet",
+                     "tensorboard")
 
 
 def _given(names: list[str]) -> list[str]:

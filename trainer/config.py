@@ -34,6 +34,7 @@ class FitConfig:
     norm: str = "zscore"
     epochs: int = 50
     max_steps: int | None = None
+    time_limit: float | None = None  # minutes of training and validation (trainer.training.clock), across resumes
     batch_size: int | None = None  # None: trainer.device.DEFAULT_BATCH_SIZE of the device, at most the train split
     lr: float = 1e-3
     schedule: str = "constant"
@@ -83,6 +84,8 @@ class FitConfig:
             raise ValueError(f"--clip-grad {self.clip_grad}: use a positive finite gradient norm, or none")
         if not 0 <= self.context <= MAX_CONTEXT:
             raise ValueError(f"--context {self.context}: use 0 to {MAX_CONTEXT} slices on each side")
+        if self.time_limit is not None and not (0 < self.time_limit < math.inf):
+            raise ValueError(f"--time-limit {self.time_limit}: use a positive number of minutes, e.g. 30")
         for name, value, low in (("epochs", self.epochs, 1), ("max-steps", self.max_steps, 1),
                                  ("batch-size", self.batch_size, 1), ("workers", self.workers, 0),
                                  ("patience", self.patience, 1), ("warmup-epochs", self.warmup_epochs, 0),

@@ -46,6 +46,17 @@ def broadcast_object(value: object, world: World) -> object:
     return box[0]
 
 
+def agreed(flag: bool, world: World) -> bool:
+    """``flag`` if any rank raises it: ranks that must stop at the same step (a time limit read from each rank's own
+    clock) decide together."""
+    if not world.distributed:
+        return flag
+    device = torch.device("cuda", world.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    raised = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(raised, op=dist.ReduceOp.MAX)
+    return bool(raised.item())
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -30,7 +30,16 @@ from trainer.device import autocast_dtype, default_batch_size, resolve_device
 from trainer.errors import CommandError, OutputError
 from trainer.outputs import BackgroundWriter, write_text
 from trainer.training.board import Board, board
-from trainer.training.distributed import World, barrier, broadcast_buffers, broadcast_object, init_world, shutdown
+from trainer.training.clock import RunClock
+from trainer.training.distributed import (
+    World,
+    agreed,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    init_world,
+    shutdown,
+)
 from trainer.training.history import LOG_FILE, History, RunLog
 from trainer.training.metrics import SegmentationMetrics
 from trainer.training.model import build_model, checkpoint_of, read_checkpoint, save_checkpoint
@@ -55,6 +64,7 @@ class TrainingState:
     step: int = 0
     best_score: float = -math.inf
     bad_epochs: int = 0  # epochs since the score last improved
+    seconds: float = 0.0  # spent training and validating, what --time-limit counts
 
     def record(self, epoch: int, score: float) -> bool:
         """Count ``epoch`` as done with validation ``score``; returns whether it is the best so far."""
@@ -75,6 +85,7 @@ class Learner:
     optimiser: Optimiser
     loss_fn: nn.Module
     amp_dtype: torch.dtype | None
+    clock: RunClock  # --time-limit: the schedule and the last epoch follow it
 
 
 @dataclass
@@ -134,9 +145,10 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
     steps_per_epoch = len(batches.train)  # type: ignore[arg-type]
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
     amp_dtype = autocast_dtype(device, config.amp)
-    optimiser = Optimiser.create(model, config, device, amp_dtype, int(total_steps), steps_per_epoch)
+    clock = RunClock(config.time_limit * 60 if config.time_limit else None)
+    optimiser = Optimiser.create(model, config, device, amp_dtype, total_steps, steps_per_epoch, clock)
     learner = Learner(model, _network(model, config, world, device), optimiser,
-                      make_loss(config.loss, config.task).to(device), amp_dtype)
+                      make_loss(config.loss, config.task).to(device), amp_dtype, clock)
     run_dir = _run_folder(config, world, resume, run_dir)
     with held(run_dir) if world.is_main else nullcontext():
         log = RunLog(run_dir / LOG_FILE if world.is_main else None, config.quiet or not world.is_main)
@@ -162,16 +174,17 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
 
 def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: Batches, record: Record, world: World,
             on_epoch_end: EpochHook | None) -> dict[str, Any] | None:
-    """Train and validate epoch by epoch until ``config.epochs``, ``max_steps`` or early stopping; returns the best
-    checkpoint written by these epochs (None if none improved on the resumed run's best)."""
+    """Train and validate epoch by epoch until ``config.epochs``, ``max_steps``, early stopping or the time limit;
+    returns the best checkpoint written by these epochs (None if none improved on the resumed run's best)."""
     max_steps = config.max_steps or math.inf
-    last_plot, written_best = -math.inf, None
+    last_plot, written_best, val_seconds = -math.inf, None, None
+    learner.clock.start(state.seconds)  # a resumed run counts on from the seconds it had used
     for epoch in range(state.epoch + 1, config.epochs):
-        if state.step >= max_steps:
+        if state.step >= max_steps or agreed(learner.clock.cannot_fit(0.0), world):
             break
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), state.step
         lr = learner.optimiser.lr
-        train_metrics = _train_epoch(config, epoch, state, learner, batches, world)
+        train_metrics = _train_epoch(config, epoch, state, learner, batches, world, val_seconds)
         train_seconds = time.perf_counter() - started
         batches.artifact.check_unchanged()  # every rank, every epoch: never validate on rows of another file
         broadcast_buffers(learner.model, world)  # the unwrapped model: a rank without val rows must not wait in DDP
@@ -187,8 +200,11 @@ def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: 
                                f"{row['val_loss']}); stopped before saving this epoch, {record.run_dir / 'best.pt'} "
                                f"holds the best finite one. Lower --lr (now {config.lr:g}) or keep --clip-grad on")
         improved = state.record(epoch, row[SCORE_KEY])
+        state.seconds = learner.clock.used()
         early_stop = state.bad_epochs >= config.patience
-        final = early_stop or epoch == config.epochs - 1 or state.step >= max_steps
+        step_seconds = train_seconds / max(1, state.step - first_step)
+        time_up = agreed(learner.clock.cannot_fit(step_seconds + val_seconds), world)  # not one more step + validation
+        final = early_stop or epoch == config.epochs - 1 or state.step >= max_steps or time_up
         if world.is_main:
             record.history.add(row | {"other_seconds": math.nan, "seconds": math.nan})  # logged before its checkpoint
             if on_epoch_end is not None:
@@ -212,14 +228,18 @@ def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: 
         barrier(world)
         if early_stop:
             record.log(f"early stop: no better {SCORE_KEY} for {config.patience} epochs")
+        if final:
+            if learner.clock.budget is not None:
+                record.log(_budget_line(config, learner.clock, early_stop, time_up))
             break
     return written_best
 
 
 def _train_epoch(config: FitConfig, epoch: int, state: TrainingState, learner: Learner, batches: Batches,
-                 world: World) -> SegmentationMetrics:
-    """One pass over the training batches (stops early at ``max_steps``); metrics of the inputs trained on, reduced
-    over ranks."""
+                 world: World, val_seconds: float | None) -> SegmentationMetrics:
+    """One pass over the training batches (stops early at ``max_steps``, or when the time limit leaves room for no
+    more than the validation after it: ``val_seconds``, the last one's, or before the first an estimate of two
+    training steps per validation batch); metrics of the inputs trained on, reduced over ranks."""
     torch.manual_seed(config.seed + epoch)
     batches.train.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
     # per rank: under DDP each rank crops and augments its own rows differently
@@ -228,6 +248,7 @@ def _train_epoch(config: FitConfig, epoch: int, state: TrainingState, learner: L
     learner.network.train()
     bar = Progress(batches.train, f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                    show=world.is_main and not config.quiet, leave=False)
+    started, first_step = time.perf_counter(), state.step
     for images, labels, _ in bar:
         logits, target, loss = train_step(learner.network, batches.inputs, images, labels, generator, learner.loss_fn,
                                           learner.optimiser, learner.amp_dtype)
@@ -237,8 +258,28 @@ def _train_epoch(config: FitConfig, epoch: int, state: TrainingState, learner: L
             bar.note(f"loss {loss.item():.4f}")  # a device sync: only every tenth step
         if config.max_steps is not None and state.step >= config.max_steps:
             break
+        if learner.clock.budget is not None:
+            step = (time.perf_counter() - started) / (state.step - first_step)
+            reserve = val_seconds if val_seconds is not None else 2 * step * len(batches.val)  # type: ignore[arg-type]
+            if state.step == 1 and agreed(step + reserve > learner.clock.budget, world):
+                needed = (step + reserve) / 60
+                raise CommandError(f"--time-limit {config.time_limit:g}: one training step and one validation take "
+                                   f"about {needed:.2g} minutes here; give at least --time-limit {needed * 2:.2g} (or "
+                                   "a smaller --batch-size, or fewer validation rows)")
+            if agreed(learner.clock.cannot_fit(step + reserve), world):
+                break
     metrics.all_reduce()
     return metrics
+
+
+def _budget_line(config: FitConfig, clock: RunClock, early_stop: bool, time_up: bool) -> str:
+    """How the run ended against its --time-limit: at the budget, or before it and what ended it."""
+    used = f"{clock.used() / 60:.1f} of {config.time_limit:g} minutes"
+    if time_up:
+        return f"time limit: {used} used; the last epoch was cut so that its validation ended within the budget"
+    bound = ("early stopping (--patience)" if early_stop else f"--max-steps {config.max_steps}"
+             if config.max_steps is not None else f"--epochs {config.epochs}")
+    return f"time limit: the run ended at {bound} after {used}; raise it to use the whole budget"
 
 
 def fit_each(configs: dict[str, FitConfig], artifact: Artifact, out: Path, reuse: bool) -> dict[str, Path]:
@@ -319,7 +360,8 @@ def _resume_state(record: Record, learner: Learner, config: FitConfig, world: Wo
         checkpoint = read_checkpoint(state_file, device, resume=True)
         learner.model.load_state_dict(checkpoint["model"])
         learner.optimiser.load_state_dict(checkpoint)
-        state = TrainingState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(TrainingState)})
+        state = TrainingState(**{f.name: checkpoint[f.name] for f in dataclasses.fields(TrainingState)
+                                 if f.name in checkpoint})  # resume states before --time-limit hold no seconds
         if state.bad_epochs >= config.patience and state.epoch < config.epochs - 1:
             state.bad_epochs = 0  # an early-stopped run extended with --epochs: its patience starts again
     if world.is_main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -143,13 +144,17 @@ def check_config(path: Path, config: Any) -> None:
 #: The training state a resume checkpoint holds besides the weights, and the type of each.
 RESUME_STATE = {"epoch": int, "step": int, "best_score": float, "bad_epochs": int, "optimizer": dict,
                 "schedule": dict, "scaler": dict}
+#: Held by resume states written since --time-limit (0.3.0): the seconds trained and validated so far.
+LATER_RESUME_STATE = {"seconds": float}
 
 
 def _check_resume_state(path: Path, checkpoint: dict[str, Any]) -> None:
-    for key, kind in RESUME_STATE.items():
+    later = {key: kind for key, kind in LATER_RESUME_STATE.items() if key in checkpoint}
+    for key, kind in {**RESUME_STATE, **later}.items():
         value = checkpoint.get(key)
         ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is float and isinstance(value, int))
-        if not ok or (kind is int and value < (-1 if key == "epoch" else 0)):
+        if not ok or (kind is int and value < (-1 if key == "epoch" else 0)) or (key == "seconds" and not
+                                                                                   0 <= value < math.inf):
             raise ModelError(f"{path}: its {key} is {str(value)[:40]!r}, not what a brats2d resume state holds; "
                              "the checkpoint is damaged or was edited: start the run again")
 

@@ -19,6 +19,7 @@ from trainer.config import FitConfig
 from trainer.data.inputs import NetworkInputs
 from trainer.device import autocast_context
 from trainer.tasks import probabilities, region_targets
+from trainer.training.clock import RunClock
 from trainer.training.metrics import SegmentationMetrics
 
 #: Exponent of the polynomial decay, as nnU-Net uses it.
@@ -66,14 +67,13 @@ def make_loss(name: str, task: str = "multiclass") -> nn.Module:
     return SummedLoss([available[part]() for part in name.split("+")])
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+def lr_factor(step: int, warmup: int, schedule: str, progress: float) -> float:
     """The share of the base learning rate at ``step``: linear warm-up over ``warmup`` steps, then polynomial
-    (nnU-Net's (1 - t)^0.9), cosine or constant over the remaining steps up to ``total``."""
+    (nnU-Net's (1 - t)^0.9), cosine or constant at ``progress`` t (0 to 1) through the run."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "poly":
         return (1.0 - progress) ** POLY_EXPONENT
     return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -90,12 +90,20 @@ class Optimiser:
 
     @classmethod
     def create(cls, model: nn.Module, config: FitConfig, device: torch.device, amp_dtype: torch.dtype | None,
-               total_steps: int, steps_per_epoch: int) -> Optimiser:
-        """AdamW (on CUDA the fused kernel: one launch per step instead of several per parameter tensor)."""
+               total_steps: float, steps_per_epoch: int, clock: RunClock | None = None) -> Optimiser:
+        """AdamW (on CUDA the fused kernel: one launch per step instead of several per parameter tensor). The
+        schedule runs over ``total_steps`` (at most; may be infinite with a time budget), or over the time budget of
+        ``clock`` when it has one."""
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                       fused=device.type == "cuda")
-        warmup = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
-        schedule = LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule))
+        warmup = int(min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2))
+        timed = clock is not None and clock.budget is not None
+
+        def factor(step: int) -> float:
+            progress = clock.fraction() if timed else min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return lr_factor(step, warmup, config.schedule, progress)
+
+        schedule = LambdaLR(optimizer, factor)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         return cls(optimizer, schedule, scaler, config.clip_grad)
 
