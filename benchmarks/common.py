@@ -107,6 +107,7 @@ def replicated_artifact(rows: int, name: str, source_cases: int = 200, val_fract
 
     from builder.build import BuildOptions, build
     from builder.extract import CaseRows
+    from builder.checks import decoded_attributes
     from builder.format import MODALITIES
     from builder.split import split_cases, split_rows
     from builder.writer import ArtifactWriter
@@ -120,7 +121,7 @@ def replicated_artifact(rows: int, name: str, source_cases: int = 200, val_fract
     with h5py.File(base) as f:
         data = {m: f[m][()] for m in (*MODALITIES, "seg")}
         ids = f["case_id"].asstr()[()]
-        attrs = dict(f.attrs)
+        attrs, _ = decoded_attributes(f)  # as a build wrote them: JSON and text decoded, written again alike
     with ArtifactWriter(out) as writer:
         writer.create(data["seg"].shape[1:], {m: data[m].dtype.str for m in MODALITIES})
         for i in range(rows):
@@ -129,6 +130,5 @@ def replicated_artifact(rows: int, name: str, source_cases: int = 200, val_fract
                                    {m: data[m][j : j + 1] for m in MODALITIES}, np.zeros(1, bool)))
         cases = sorted(set(writer.case_ids))
         splits = split_rows(writer.case_ids, split_cases(cases, 0, val_fraction, 0.05))
-        writer.finish(splits, {**{k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()},
-                               "cases_written": len(cases), "cases_scanned": len(cases)})
+        writer.finish(splits, {**attrs, "cases_written": len(cases), "cases_scanned": len(cases)})
     return out

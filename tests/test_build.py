@@ -19,7 +19,7 @@ from builder.extract import SliceRule
 from builder.format import FORMAT_VERSION, MODALITIES, ROOT_ATTRIBUTES, SPLITS
 from builder.synth import write_case
 
-from conftest import builder_cli, case_volume, one_error_line
+from conftest import builder_cli, case_volume, one_error_line, read_volume
 
 QUIET = BuildOptions(jobs=1, progress=False)
 
@@ -151,14 +151,14 @@ def _break_cases(source: Path) -> dict[str, str]:
     _rewrite(cases[2] / f"{cases[2].name}-t1n.nii.gz", np.zeros((240, 240, 150), np.int16))
     expect[cases[2].name] = "shape"
     t1c = cases[3] / f"{cases[3].name}-t1c.nii.gz"
-    values = np.asanyarray(nib.load(t1c).dataobj).astype(np.float32)
+    values = read_volume(t1c).astype(np.float32)
     values[100:140, 100:140, :] = np.nan
     _rewrite(t1c, values)
     expect[cases[3].name] = "NaN"
     _rewrite(cases[4] / f"{cases[4].name}-seg.nii.gz", np.zeros((240, 240, 155), np.uint8))
     expect[cases[4].name] = "empty"
     seg = cases[5] / f"{cases[5].name}-seg.nii.gz"
-    labels = np.asanyarray(nib.load(seg).dataobj).copy()
+    labels = read_volume(seg).copy()
     labels[labels == 2] = 7
     _rewrite(seg, labels)
     expect[cases[5].name] = "outside 0..4"

@@ -18,7 +18,7 @@ from trainer.cli import main
 from trainer.inference.fusion import mean_probabilities, vote
 from trainer.scoring.statistics import bootstrap_interval
 
-from conftest import FAST
+from conftest import FAST, read_volume
 
 
 def test_vote_by_hand_with_double_vote_and_tie() -> None:
@@ -144,7 +144,7 @@ def test_predict_writes_a_seg_nifti_matching_the_source(small_run: Path, small_c
     assert "lesion-wise Dice WT" in result.output and "slices/s" in result.output
     with open(tmp_path / "predict_scores.csv") as handle:
         (row,) = list(csv.DictReader(handle))
-    truth = np.asanyarray(nib.load(case / "BraTS-GLI-00003-000-seg.nii.gz").dataobj)
+    truth = read_volume(case / "BraTS-GLI-00003-000-seg.nii.gz")
     for region, values in (("WT", (1, 2, 3)), ("TC", (1, 3)), ("ET", (3,))):
         p, t = np.isin(labels, values), np.isin(truth, values)
         expected = 1.0 if not (p.any() or t.any()) else 2 * (p & t).sum() / (p.sum() + t.sum())

@@ -17,6 +17,8 @@ from builder.layout import find_cases, patient_of
 from builder.split import split_cases
 from builder.synth import write_case
 
+from conftest import read_volume
+
 QUIET = BuildOptions(jobs=1, progress=False, val_fraction=0, test_fraction=0)
 
 
@@ -45,7 +47,7 @@ def test_every_release_naming_is_found_and_built(tmp_path: Path, name: str, layo
     assert summary.cases_written == 1 and summary.skipped == []
     with h5py.File(out) as f:
         z = int(f["slice_index"][0])
-        np.testing.assert_array_equal(f["t2f"][0], np.asanyarray(nib.load(source / name / flair).dataobj)[:, :, z])
+        np.testing.assert_array_equal(f["t2f"][0], read_volume(source / name / flair)[:, :, z])
         assert set(np.unique(f["seg"][0])) <= {0, 1, 2, 3}
 
 
@@ -93,15 +95,15 @@ def test_background_slices_are_tumour_free_brain_rows_marked_apart(tmp_path: Pat
     shutil.copytree(cases_dir / "BraTS-GLI-00000-000", source / "BraTS-GLI-00000-000")
     options = BuildOptions(jobs=1, progress=False, val_fraction=0, test_fraction=0, rule=SliceRule(per_case=2, background=4))
     build(source, tmp_path / "bg.h5", options)
-    seg = np.asanyarray(nib.load(next(source.rglob("*-seg.nii.gz"))).dataobj)
-    t1n = np.asanyarray(nib.load(next(source.rglob("*-t1n.nii.gz"))).dataobj)
+    seg = read_volume(next(source.rglob("*-seg.nii.gz")))
+    t1n = read_volume(next(source.rglob("*-t1n.nii.gz")))
     tumour, brain = np.count_nonzero(seg, axis=(0, 1)), np.count_nonzero(t1n, axis=(0, 1))
     with h5py.File(tmp_path / "bg.h5") as f:
         marked, zs = f["background"][()].astype(bool), f["slice_index"][()]
         assert marked.sum() == 4 and (~marked).sum() == 2
         assert np.all(np.diff(zs) > 0)
         for row, z in enumerate(zs):
-            np.testing.assert_array_equal(f["t2w"][row], np.asanyarray(nib.load(next(source.rglob("*-t2w.nii.gz"))).dataobj)[:, :, z])
+            np.testing.assert_array_equal(f["t2w"][row], read_volume(next(source.rglob("*-t2w.nii.gz")))[:, :, z])
             if marked[row]:
                 assert tumour[z] == 0 and brain[z] >= 0.05 * 240 * 240 and not f["seg"][row].any()
     candidates = np.flatnonzero((tumour == 0) & (brain >= 0.05 * 240 * 240))

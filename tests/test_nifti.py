@@ -11,6 +11,8 @@ import pytest
 
 from builder.nifti import NiftiReadError, read_header, read_slices
 
+from conftest import read_volume
+
 
 def _save(path: Path, data: np.ndarray, slope: float | None = None, inter: float = 0.0) -> Path:
     image = nib.Nifti1Image(data, np.eye(4))
@@ -30,7 +32,7 @@ def volume() -> np.ndarray:
 @pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64])
 def test_slices_equal_nibabel(tmp_path: Path, volume: np.ndarray, name: str, dtype: type) -> None:
     path = _save(tmp_path / name, volume.astype(dtype))
-    expected = np.asanyarray(nib.load(path).dataobj)
+    expected = read_volume(path)
     slices, info = read_slices(path, [0, 7, 15])
     assert info.shape == (24, 20, 16)
     assert slices.dtype == expected.dtype
@@ -40,7 +42,7 @@ def test_slices_equal_nibabel(tmp_path: Path, volume: np.ndarray, name: str, dty
 
 def test_scaled_values_equal_nibabel(tmp_path: Path, volume: np.ndarray) -> None:
     path = _save(tmp_path / "scaled.nii.gz", volume.astype(np.float32) * 0.5 + 3, slope=0.5, inter=3.0)
-    expected = np.asanyarray(nib.load(path).dataobj)[:, :, 5]
+    expected = read_volume(path)[:, :, 5]
     got, info = read_slices(path, [5])
     assert info.slope == 0.5
     assert got.dtype == expected.dtype and info.value_dtype == expected.dtype

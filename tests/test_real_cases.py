@@ -21,7 +21,7 @@ from builder.inspect import verify
 from builder.layout import find_cases
 from trainer.cli import main
 
-from conftest import FAST, cut_down
+from conftest import FAST, cut_down, read_volume
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-brats18"
 #: Two sites, an int16 and a uint8 seg: enough to see real headers and labels, quick to build.
@@ -55,13 +55,13 @@ def test_real_cases_build_exactly_what_nibabel_reads(real_few: Path, real_artifa
         assert sorted(set(ids)) == sorted(PATIENTS) and json.loads(f.attrs["axis_codes"]) == ["L", "P", "S"]
         for case_id, case in cases.items():
             rows = np.flatnonzero(ids == case_id)
-            seg = np.asanyarray(nib.load(case.files["seg"]).dataobj)
+            seg = read_volume(case.files["seg"])
             tumour = np.flatnonzero(np.count_nonzero(seg, axis=(0, 1)))
             np.testing.assert_array_equal(np.sort(zs[rows[~marked[rows]]]), tumour)  # every tumour slice
             assert marked[rows].sum() == 4 and not np.isin(zs[rows[marked[rows]]], tumour).any()
             np.testing.assert_array_equal(f["seg"][rows[0]], np.where(seg[..., zs[rows[0]]] == 4, 3, seg[..., zs[rows[0]]]))
             for modality in MODALITIES:
-                volume = np.asanyarray(nib.load(case.files[modality]).dataobj)
+                volume = read_volume(case.files[modality])
                 for row in rows[:: max(1, len(rows) // 4)]:
                     z = zs[row]
                     np.testing.assert_array_equal(f[modality][row], volume[:, :, z])

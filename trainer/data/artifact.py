@@ -104,7 +104,8 @@ class Artifact:
             if problems:
                 raise ArtifactError(f"{path}: {problems[0]}; the file is damaged or was edited: check it with "
                                     f"`brats-build verify {path}`, or rebuild it")
-            provenance = {key: attributes[key] for key in ROOT_ATTRIBUTES if key in attributes and key not in PEOPLE_ONLY}
+            provenance = {key: attributes[key] for key in ROOT_ATTRIBUTES
+                          if key in attributes and key not in PEOPLE_ONLY}
             rows = f[SEG].shape[0]
             context = int(provenance.get("context") or 0)
             splits = {name: f[SPLIT_GROUP][name][()] for name in SPLITS}

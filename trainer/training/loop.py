@@ -89,7 +89,7 @@ class Learner:
 
 
 @dataclass
-class Batches:
+class BatchSources:
     """Where the run's batches come from, and how they become network inputs on the device."""
 
     artifact: Artifact
@@ -139,9 +139,10 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     use_cache = choose_cache(config, artifact, device)
-    batches = Batches(artifact, make_source(config, artifact, "train", True, device, use_cache, world.rank, world.size),
-                      make_source(config, artifact, "val", False, device, use_cache, world.rank, world.size),
-                      NetworkInputs(config, device))
+    batches = BatchSources(artifact,
+                           make_source(config, artifact, "train", True, device, use_cache, world.rank, world.size),
+                           make_source(config, artifact, "val", False, device, use_cache, world.rank, world.size),
+                           NetworkInputs(config, device))
     steps_per_epoch = len(batches.train)  # type: ignore[arg-type]
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
     amp_dtype = autocast_dtype(device, config.amp)
@@ -172,8 +173,8 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
     return run_dir
 
 
-def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: Batches, record: Record, world: World,
-            on_epoch_end: EpochHook | None) -> dict[str, Any] | None:
+def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: BatchSources, record: Record,
+            world: World, on_epoch_end: EpochHook | None) -> dict[str, Any] | None:
     """Train and validate epoch by epoch until ``config.epochs``, ``max_steps``, early stopping or the time limit;
     returns the best checkpoint written by these epochs (None if none improved on the resumed run's best)."""
     max_steps = config.max_steps or math.inf
@@ -192,7 +193,8 @@ def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: 
         val_metrics.all_reduce()
         val_seconds = time.perf_counter() - started - train_seconds
         row = {"epoch": epoch, "step": state.step, "lr": lr, "train_seconds": round(train_seconds, 3),
-               "val_seconds": round(val_seconds, 3), "train_images_per_s": round(train_metrics.slices / train_seconds, 2),
+               "val_seconds": round(val_seconds, 3),
+               "train_images_per_s": round(train_metrics.slices / train_seconds, 2),
                **{f"train_{k}": v for k, v in train_metrics.compute().items()},
                **{f"val_{k}": v for k, v in val_metrics.compute().items()}}
         if not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])):
@@ -220,8 +222,9 @@ def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: 
                                   **dataclasses.asdict(state)) if not final or config.keep_last else None)
             record.writer.submit(_write_epoch, record.run_dir, best, last,
                                  [dict(r) for r in record.history.rows] if plot else None)
-            record.history.amend_last(other_seconds=round(time.perf_counter() - started - train_seconds - val_seconds, 3),
-                                      seconds=round(time.perf_counter() - started, 3))
+            seconds = time.perf_counter() - started
+            record.history.amend_last(other_seconds=round(seconds - train_seconds - val_seconds, 3),
+                                      seconds=round(seconds, 3))
             record.log(_summary_line(record.history.rows[-1], improved))
             if record.board is not None:
                 record.board.epoch(record.history.rows[-1])
@@ -235,7 +238,7 @@ def _epochs(config: FitConfig, state: TrainingState, learner: Learner, batches: 
     return written_best
 
 
-def _train_epoch(config: FitConfig, epoch: int, state: TrainingState, learner: Learner, batches: Batches,
+def _train_epoch(config: FitConfig, epoch: int, state: TrainingState, learner: Learner, batches: BatchSources,
                  world: World, val_seconds: float | None) -> SegmentationMetrics:
     """One pass over the training batches (stops early at ``max_steps``, or when the time limit leaves room for no
     more than the validation after it: ``val_seconds``, the last one's, or before the first an estimate of two
@@ -243,7 +246,8 @@ def _train_epoch(config: FitConfig, epoch: int, state: TrainingState, learner: L
     torch.manual_seed(config.seed + epoch)
     batches.train.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
     # per rank: under DDP each rank crops and augments its own rows differently
-    generator = torch.Generator(device=batches.inputs.device).manual_seed(config.seed * 1000 + epoch + 7919 * world.rank)
+    generator = torch.Generator(device=batches.inputs.device)
+    generator.manual_seed(config.seed * 1000 + epoch + 7919 * world.rank)
     metrics = SegmentationMetrics(config.task, batches.inputs.device)
     learner.network.train()
     bar = Progress(batches.train, f"epoch {epoch + 1}/{config.epochs}", unit="batch",
@@ -382,7 +386,8 @@ def _announce(config: FitConfig, artifact: Artifact, record: Record, world: Worl
     record.log(f"run {record.run_dir}: {config.modality} ({', '.join(config.channels)}"
                f"{f', each with {config.context} slice(s) on each side' if config.context else ''}; {config.plane}"
                f"{f'; fold {config.fold} of {config.folds}' if config.folds else ''}), {config.task}, "
-               f"{config.arch}/{config.encoder}, {len(artifact.rows_of('train'))} train rows, batch {config.batch_size}, "
+               f"{config.arch}/{config.encoder}, {len(artifact.rows_of('train'))} train rows, "
+               f"batch {config.batch_size}, "
                f"data {'held on the device' if use_cache else 'streamed from the file'}"
                f", device {device}{f' x{world.size}' if world.distributed else ''}")
 
@@ -401,7 +406,8 @@ def _write_epoch(run_dir: Path, best: dict[str, Any] | None, last: dict[str, Any
         plot_curves(rows, run_dir / "curves.png")
 
 
-def _finish(config: FitConfig, learner: Learner, batches: Batches, record: Record, best: dict[str, Any] | None) -> None:
+def _finish(config: FitConfig, learner: Learner, batches: BatchSources, record: Record,
+            best: dict[str, Any] | None) -> None:
     """The run is over: the resume state (the optimiser's, 2x the weights) goes unless --keep-last; the sample
     picture of the best weights is drawn (those just written, else best.pt's)."""
     from trainer.training.plots import plot_samples
