@@ -91,6 +91,7 @@ bench: setup
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_volume.py
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_integrity.py
 
 clean:

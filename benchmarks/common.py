@@ -106,8 +106,8 @@ def replicated_artifact(rows: int, name: str, source_cases: int = 200, val_fract
     import numpy as np
 
     from builder.build import BuildOptions, build
-    from builder.extract import CaseRows
     from builder.checks import decoded_attributes
+    from builder.extract import CaseRows
     from builder.format import MODALITIES
     from builder.split import split_cases, split_rows
     from builder.writer import ArtifactWriter

@@ -17,19 +17,22 @@ from trainer.training.model import build_model
 from trainer.training.step import Optimiser, make_loss, train_step
 
 
-def bare_step_rate(config: FitConfig, artifact: Artifact, device: torch.device, warmup: int, steps: int
-                   ) -> tuple[float, float]:
+def bare_step_rate(config: FitConfig, artifact: Artifact, device: torch.device, warmup: int, steps: int,
+                   channels_last: bool | None = None) -> tuple[float, float]:
     """Images/s of ``train_step`` alone on batches already in memory (read once from the run's own source), and
-    peak GPU memory in GiB (0 on a CPU). Same model, optimiser, schedule, AMP and augmentation as `fit`."""
+    peak GPU memory in GiB (0 on a CPU). Same model, optimiser, schedule, AMP and augmentation as `fit`; the memory
+    layout as `fit` chooses it (channels-last on CUDA) unless ``channels_last`` says otherwise."""
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
     torch.manual_seed(config.seed)
     model = build_model(config.arch, config.encoder, None, len(config.channels), config.classes).to(device)
-    if device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     network = torch.compile(model) if config.compile else model
     amp = autocast_dtype(device, config.amp)
     optimiser = Optimiser.create(model, config, device, amp, warmup + steps, warmup + steps)
     loss_fn = make_loss(config.loss, config.task).to(device)
     batches = NetworkInputs(config, device)
+    batches.channels_last = channels_last
     source = make_source(config, artifact, "train", True, device, config.cache == "device")
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
     epoch = 0
