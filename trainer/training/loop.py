@@ -262,7 +262,8 @@ def _train_epoch(config: FitConfig, epoch: int, state: TrainingState, learner: L
             bar.note(f"loss {loss.item():.4f}")  # a device sync: only every tenth step
         if config.max_steps is not None and state.step >= config.max_steps:
             break
-        if learner.clock.budget is not None:
+        # under DDP the ranks agree through one all-reduce: every tenth step (and the first), not every step
+        if learner.clock.budget is not None and (not world.distributed or state.step % 10 == 0 or state.step == 1):
             step = (time.perf_counter() - started) / (state.step - first_step)
             reserve = val_seconds if val_seconds is not None else 2 * step * len(batches.val)  # type: ignore[arg-type]
             if state.step == 1 and agreed(step + reserve > learner.clock.budget, world):
