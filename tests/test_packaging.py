@@ -71,3 +71,13 @@ def test_no_stage_imports_one_above_it() -> None:
     assert sorted(stage_of) == sorted({p.relative_to(root).parts[0].removesuffix(".py") for p in root.iterdir()
                                        if p.suffix == ".py" or p.is_dir() and (p / "__init__.py").exists()} - {"__init__"})
     assert upward == []
+
+
+def test_the_package_root_is_the_public_api_and_loads_it_only_when_used() -> None:
+    assert "torch" not in _imported_after("import trainer")
+    import trainer
+
+    for name in trainer.__all__:
+        assert getattr(trainer, name).__name__ == name
+    with pytest.raises(AttributeError):
+        trainer.no_such_name  # noqa: B018
