@@ -4,6 +4,7 @@ that end a build, partials left by killed builds, and two writers of one output.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from conftest import (
     file_size_limit,
     one_error_line,
     partials,
+    read_volume,
     released_together,
     trainer_cli,
     unprivileged,
@@ -134,3 +136,20 @@ def test_two_writers_of_one_output_leave_one_whole_write(tmp_path: Path) -> None
     assert all(d.returncode == 0 for d in done), [d.stderr for d in done]
     assert target.read_bytes() in (b"a" * 200_000, b"b" * 200_000)
     assert partials(target.parent) == []
+
+
+def test_a_case_name_near_the_file_system_limit_is_predicted(small_run: Path, small_cases: Path,
+                                                             tmp_path: Path) -> None:
+    """A legal 244-byte case name: its files (255 bytes) and its mask (251) fit, and so does the mask's partial."""
+    source = small_cases / "BraTS-GLI-00003-000"
+    name = "BraTS-GLI-00003-000" + "x" * (244 - len("BraTS-GLI-00003-000"))
+    case = tmp_path / "in" / name
+    case.mkdir(parents=True)
+    for path in source.iterdir():
+        shutil.copy(path, case / path.name.replace(source.name, name))
+    out = tmp_path / "out"
+    result = trainer_cli("predict", small_run, case, "--out", out, "--device", "cpu", "--save-probabilities")
+    assert result.exit_code == 0, result.output
+    assert read_volume(out / f"{name}.nii.gz").shape == read_volume(source / f"{source.name}-seg.nii.gz").shape
+    assert (out / f"{name}.npz").is_file() and name in (out / "predict_scores.csv").read_text()
+    assert partials(out) == []

@@ -21,10 +21,12 @@ from trainer.errors import OutputError
 @contextmanager
 def atomic_output(path: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a hidden partial path to write; it replaces ``path`` only when the block ends without error, and is
-    removed otherwise. The partial's name is this writer's own (pid and a random part): two writers of one output
-    never touch each other's partial, and the last complete write wins whole. OSErrors (no space, read-only,
-    permissions) become OutputError naming the output."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial{suffix}")
+    removed otherwise. The partial's name is this writer's own (pid and a random part) and short whatever the
+    output is called (``.partial-<pid>-<hex>`` and ``suffix``, by default the output's own last one, which some
+    writers need: an output name near the file system's 255 bytes still has room for its partial): two writers of
+    one output never touch each other's partial, and the last complete write wins whole. OSErrors (no space,
+    read-only, permissions) become OutputError naming the output."""
+    partial = path.with_name(f".partial-{os.getpid()}-{secrets.token_hex(4)}{suffix or path.suffix}")
     try:
         yield partial
         os.replace(partial, path)
