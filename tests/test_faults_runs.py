@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.config import CONFIG_VERSION
 from trainer.training import loop as train_module
 
 from conftest import (
@@ -43,9 +44,13 @@ def test_crafted_checkpoints_are_refused_inone_error_line(small_run: Path, tmp_p
     huge = {**good["config"], "classes": 200_000_000}
     torch.save({**good, "config": huge}, crafted / "huge.pt")
     (crafted / "truncated.pt").write_bytes((small_run / "best.pt").read_bytes()[:5000])
+    assert good["config"]["config_version"] == CONFIG_VERSION  # what a checkpoint says it is, for later readers
+    torch.save({**good, "config": {**good["config"], "config_version": 99}}, crafted / "newer.pt")
+    torch.save({**good, "config": {**good["config"], "format_version": 99}}, crafted / "newer-format.pt")
     case = tmp_path / "out"
     for name, words in (("unsafe.pt", "refused"), ("huge.pt", "invalid configuration"),
-                        ("truncated.pt", "not a readable checkpoint")):
+                        ("truncated.pt", "not a readable checkpoint"), ("newer.pt", "configuration version 99"),
+                        ("newer-format.pt", "artifact format 99")):
         line = one_error_line(trainer_cli("predict", crafted, str(small_run), "--out", case, "--checkpoint", name))
         assert words in line and name in line
 

@@ -18,6 +18,9 @@ SCHEDULES = ("poly", "cosine", "constant")
 #: Per-slice intensity normalisations over brain pixels (``trainer.data.transforms.normalise``).
 NORMALISATIONS = ("zscore", "minmax")
 MAX_FOLDS = 20
+#: The layout of a run's saved configuration (config.json and every checkpoint's): 1 before it was recorded, 2 with
+#: context, plane, folds and this number; a reader refuses a later one in one line.
+CONFIG_VERSION = 2
 
 
 @dataclass
@@ -120,7 +123,9 @@ class FitConfig:
         return len(self.channels) * (2 * self.context + 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "channels": self.channels, "classes": self.classes}
+        """Every option, with what they imply and the layout's version: what config.json and checkpoints hold."""
+        return {**dataclasses.asdict(self), "channels": self.channels, "classes": self.classes,
+                "config_version": CONFIG_VERSION}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "configuration") -> FitConfig:

@@ -43,7 +43,7 @@ from trainer.training.distributed import (
 from trainer.training.history import LOG_FILE, History, RunLog
 from trainer.training.metrics import SegmentationMetrics
 from trainer.training.model import build_model, checkpoint_of, read_checkpoint, save_checkpoint
-from trainer.training.runs import CONFIG_FILE, CONFIG_VERSION, held, new_run_dir
+from trainer.training.runs import CONFIG_FILE, held, new_run_dir
 from trainer.training.step import Optimiser, evaluation_pass, make_loss, train_step
 
 #: Learning curves are redrawn at most this often (and at the end): a plot costs about 0.26 s.
@@ -377,7 +377,7 @@ def _resume_state(record: Record, learner: Learner, config: FitConfig, world: Wo
 def _announce(config: FitConfig, artifact: Artifact, record: Record, world: World, use_cache: bool,
               device: torch.device) -> None:
     """config.json (every option, absolute paths, the data's provenance) and the run's first line."""
-    config_json = {**config.to_dict(), "config_version": CONFIG_VERSION, "brats2d_version": __version__,
+    config_json = {**config.to_dict(), "brats2d_version": __version__,
                    "artifact": {"path": str(artifact.path.resolve()), "rows": artifact.rows, **artifact.provenance},
                    "world_size": world.size}
     write_text(record.run_dir / CONFIG_FILE, json.dumps(config_json, indent=2, default=str))

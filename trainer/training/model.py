@@ -12,7 +12,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from builder.format import MODALITIES
+from builder.format import FORMAT_VERSION, MODALITIES, READABLE_VERSIONS
 from trainer.errors import ModelError
 from trainer.outputs import atomic_output
 from trainer.tasks import OUTPUTS
@@ -122,12 +122,21 @@ def check_config(path: Path, config: Any) -> None:
     """A checkpoint's configuration, checked field by field (``FitConfig.from_dict``: one schema for every command)
     before any model is built from it, and its channels and outputs against each other (a crafted one could ask for
     2e8 classes and a 100 GB allocation)."""
-    from trainer.config import FitConfig
+    from trainer.config import CONFIG_VERSION, FitConfig
 
     try:
         FitConfig.from_dict(config, str(path))
     except ValueError as error:
         raise ModelError(f"{error}; not a checkpoint brats2d wrote") from None
+    version = config.get("config_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CONFIG_VERSION:
+        raise ModelError(f"{path}: a checkpoint of configuration version {str(version)[:20]}, this brats2d reads "
+                         f"versions 1 to {CONFIG_VERSION}; use the brats2d that wrote it, or train the run anew")
+    format_version = config.get("format_version", FORMAT_VERSION)
+    if not isinstance(format_version, int) or isinstance(format_version, bool) or \
+            format_version not in READABLE_VERSIONS:
+        raise ModelError(f"{path}: a checkpoint of a run on artifact format {str(format_version)[:20]}, this brats2d "
+                         f"reads formats {', '.join(map(str, READABLE_VERSIONS))}; use the brats2d that wrote it")
     channels, classes = config.get("channels"), config.get("classes")
     task = config.get("task", "multiclass")
     problems = []

@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from builder.processes import process_alive
-from trainer.config import FitConfig
+from trainer.config import CONFIG_VERSION, FitConfig
 from trainer.errors import CommandError, OutputError
 
 CONFIG_FILE = "config.json"
-#: The layout of config.json: 1 before it was recorded, 2 with context, plane, folds and this number.
-CONFIG_VERSION = 2
 LOCK_FILE = ".fit.lock"
 
 
