@@ -149,6 +149,10 @@ def _split_attrs(options: BuildOptions) -> dict[str, float]:
     }
 
 
+#: How many of the folders that held no case a build names.
+EMPTY_SHOWN = 3
+
+
 def build(source: Path, out: Path, options: BuildOptions = BuildOptions()) -> BuildSummary:
     """Build ``out`` from the cases under ``source``. Raises BuildError with a one-line message."""
     started = time.perf_counter()
@@ -158,10 +162,18 @@ def build(source: Path, out: Path, options: BuildOptions = BuildOptions()) -> Bu
         raise BuildError(f"{out}: is a folder; give a file name such as {out / 'brats2023.h5'}")
     unreadable: list[tuple[Path, str]] = []
     notes: list[str] = []
+    empty: list[Path] = []
     try:
-        cases = find_cases(source, unreadable, notes)
+        cases = find_cases(source, unreadable, notes, empty)
     except ValueError as error:
         raise BuildError(str(error)) from None
+    if empty and cases:
+        shown = ", ".join(str(path.relative_to(source)) for path in sorted(empty)[:EMPTY_SHOWN])
+        more = ", ..." if len(empty) > EMPTY_SHOWN else ""
+        line = f"{len(empty)} folder(s) under {source} held no case (first: {shown}{more}): a download cut short?"
+        if options.strict:
+            raise BuildError(f"--strict: {line}")
+        notes.append(line)
     if not cases and unreadable:
         raise BuildError(f"{unreadable[0][0]}: {unreadable[0][1]}")
     if not cases:

@@ -78,7 +78,8 @@ def synth(out: Path, cases: int, seed: int, first: int, jobs: int, layout: str, 
               help="blosc-lz4: smallest and fastest, but readers need the Blosc plugin (Python: hdf5plugin); "
                    "gzip: HDF5's built-in deflate, readable by any HDF5 tool (h5py alone, h5ls, HDFView, MATLAB); "
                    "none: largest, readable anywhere.")
-@click.option("--strict", is_flag=True, help="Fail on the first bad case instead of skipping it.")
+@click.option("--strict", is_flag=True,
+              help="Fail on the first bad case instead of skipping it, and on folders that hold no case.")
 @click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
               help="joblib backend: local processes, or a Dask cluster.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://HOST:PORT); default: a local cluster.")

@@ -72,12 +72,13 @@ def _as_case(folder: Path, files: list[str]) -> Case | None:
 
 
 def find_cases(source: Path, unreadable: list[tuple[Path, str]] | None = None,
-               notes: list[str] | None = None) -> list[Case]:
+               notes: list[str] | None = None, empty: list[Path] | None = None) -> list[Case]:
     """Every case folder at or below ``source``, sorted by case id (independent of file-system order).
 
     Folders that cannot be listed (permissions) are appended to ``unreadable`` with the reason, when it is given.
     Links are followed (datasets are often assembled from links), but never into a folder already scanned: a link
-    back up the tree would otherwise loop for ever; each such link is said once in ``notes``.
+    back up the tree would otherwise loop for ever; each such link is said once in ``notes``. Folders below
+    ``source`` that hold no case and no folder (an unpacked case whose files are missing, say) go in ``empty``.
     """
     cases: list[Case] = []
     seen: set[tuple[int, int]] = set()
@@ -102,6 +103,8 @@ def find_cases(source: Path, unreadable: list[tuple[Path, str]] | None = None,
         if case is not None:
             cases.append(case)
             dirs.clear()  # a case folder holds no further cases
+        elif not dirs and empty is not None and Path(root) != source:
+            empty.append(Path(root))
         dirs.sort()
     ids = [case.case_id for case in cases]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})

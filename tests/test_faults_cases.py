@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +17,7 @@ import numpy as np
 
 from builder.build import BuildOptions, build
 
-from conftest import builder_cli, limited, trainer_cli, unprivileged
+from conftest import builder_cli, limited, one_error_line, trainer_cli, unprivileged
 
 
 def test_unreadable_files_and_folders_are_skipped_with_reasons(case_copy, tmp_path: Path) -> None:
@@ -93,3 +94,19 @@ def test_too_few_file_descriptors_for_a_build(small_cases: Path, tmp_path: Path)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "ran out of open files" in done.stderr and "fewer --jobs" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_folders_that_hold_no_case_are_counted_and_named(case_copy, tmp_path: Path) -> None:
+    """10,000 empty case folders beside 4 real ones (a broken download): the build says so, naming the first
+    few, in bounded time; --strict makes it fatal and writes nothing."""
+    source = case_copy(4)
+    for n in range(10_000):
+        (source / f"BraTS-GLI-{90000 + n:05d}-000").mkdir()
+    started = time.perf_counter()
+    built = builder_cli("build", source, tmp_path / "a.h5", "--jobs", "1")
+    assert built.exit_code == 0, built.output
+    assert time.perf_counter() - started < 60
+    assert "10000 folder(s) under" in built.output and "held no case (first: BraTS-GLI-90000-000" in built.output
+    assert "4 rows from 4/4 cases" in built.output
+    line = one_error_line(builder_cli("build", source, tmp_path / "b.h5", "--jobs", "1", "--strict"))
+    assert "--strict: 10000 folder(s)" in line and not (tmp_path / "b.h5").exists()
