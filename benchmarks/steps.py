@@ -13,6 +13,7 @@ from trainer.config import FitConfig
 from trainer.data.artifact import Artifact
 from trainer.data.inputs import NetworkInputs, make_source
 from trainer.device import autocast_dtype
+from trainer.device import channels_last as layout_of
 from trainer.training.model import build_model
 from trainer.training.step import Optimiser, make_loss, train_step
 
@@ -22,7 +23,7 @@ def bare_step_rate(config: FitConfig, artifact: Artifact, device: torch.device, 
     """Images/s of ``train_step`` alone on batches already in memory (read once from the run's own source), and
     peak GPU memory in GiB (0 on a CPU). Same model, optimiser, schedule, AMP and augmentation as `fit`; the memory
     layout as `fit` chooses it (channels-last on CUDA) unless ``channels_last`` says otherwise."""
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    channels_last = layout_of(device) if channels_last is None else channels_last
     torch.manual_seed(config.seed)
     model = build_model(config.arch, config.encoder, None, len(config.channels), config.classes).to(device)
     if channels_last:

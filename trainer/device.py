@@ -28,6 +28,12 @@ def default_batch_size(device: torch.device, train_rows: int) -> int:
     return min(DEFAULT_BATCH_SIZE.get(device.type, DEFAULT_BATCH_SIZE["cpu"]), train_rows)
 
 
+def channels_last(device: torch.device) -> bool:
+    """Whether models and inputs use the channels-last memory layout: on CUDA; on a CPU it measured 1.01-1.03x
+    (benchmarks/bench_cpu.py), no gain, so tensors stay contiguous there."""
+    return device.type == "cuda"
+
+
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """bf16 where the GPU supports it, else fp16 (with a grad scaler); no autocast on CPUs."""
     if not amp or device.type != "cuda":

@@ -12,6 +12,7 @@ from trainer.config import FitConfig
 from trainer.data.artifact import Artifact
 from trainer.data.loading import DeviceCache, RowReader, SliceDataset, make_loader
 from trainer.data.transforms import augment, crop, normalise, pad, padding_for, random_crop
+from trainer.device import channels_last
 
 #: The device cache is used automatically when the split needs less than this share of free GPU memory.
 DEVICE_CACHE_SHARE = 0.25
@@ -22,7 +23,7 @@ class NetworkInputs:
 
     def __init__(self, config: FitConfig, device: torch.device) -> None:
         self.config, self.device = config, device
-        self.channels_last = device.type == "cuda"
+        self.channels_last = channels_last(device)
 
     def inputs(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:

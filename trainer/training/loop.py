@@ -26,7 +26,7 @@ from builder.progress import Progress
 from trainer.config import FitConfig
 from trainer.data.artifact import Artifact
 from trainer.data.inputs import NetworkInputs, choose_cache, make_source, open_artifact
-from trainer.device import autocast_dtype, default_batch_size, resolve_device
+from trainer.device import autocast_dtype, channels_last, default_batch_size, resolve_device
 from trainer.errors import CommandError, OutputError
 from trainer.outputs import BackgroundWriter, write_text
 from trainer.training.board import Board, board
@@ -135,8 +135,9 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
     torch.manual_seed(config.seed)
     model = build_model(config.arch, config.encoder, config.encoder_weights, config.in_channels, config.classes)
     model.to(device)
-    if device.type == "cuda":
+    if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     use_cache = choose_cache(config, artifact, device)
     batches = BatchSources(artifact,
