@@ -117,12 +117,10 @@ class Segmenter:
         return f"{runs}{'; test-time mirroring' if self.tta else ''}"
 
     def read(self, case: Case) -> CaseVolumes:
-        """The case's channels in the lead run's orientation, checked against every member's slices."""
-        return self.check(read_case(case, self.config.channels, Geometry.of(self.config)))
-
-    def check(self, volumes: CaseVolumes) -> CaseVolumes:
-        """``volumes`` (read by anyone), CaseError unless every member can segment them."""
-        for member in self.members:
+        """The case's channels in the lead run's orientation (checked by ``read_case`` against the lead's slices),
+        checked against every other member's slices too (CaseError if not)."""
+        volumes = read_case(case, self.config.channels, Geometry.of(self.config))
+        for member in self.members[1:]:
             Geometry.of(member.config).check(volumes.case_id, volumes.images.shape[1:])
         return volumes
 
