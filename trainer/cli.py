@@ -356,7 +356,7 @@ def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume
     from trainer.commands.compare import compare as run_compare
 
     run_compare(make_config(data, "all", out, **options), out, reuse, volumes_dir=volumes_dir, volume_cases=volume_cases,
-                options=dataclasses.replace(volume, device=options["device"]))
+                options=volume)
 
 
 @main.command(name="cross-validate")
@@ -383,8 +383,8 @@ def cross_validate_command(data: Path, folds: int, modality: str, out: Path, reu
     run that never saw it. The fold runs then form an ensemble: `brats-train predict OUT CASES --out DIR`."""
     from trainer.commands.crossval import cross_validate
 
-    report = cross_validate(make_config(data, modality, out, **options), folds, out, reuse, volumes_dir,
-                            dataclasses.replace(volume, device=options["device"]), choose)
+    report = cross_validate(make_config(data, modality, out, **options), folds, out, reuse, volumes_dir, volume,
+                            choose)
     if "metrics" in report:
         click.echo(f"{report['patients_scored']} out-of-fold patients: {format_scores(report['metrics'])}")
         click.echo(f"wrote {out / 'oof.md'}, {out / 'oof_volumes.csv'} and {out / 'oof_volumes.json'}")

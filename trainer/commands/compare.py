@@ -80,8 +80,8 @@ def _run_summary(run_dir: Path) -> tuple[float, float]:
 def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, volumes_dir: Path | None = None,
             volume_cases: int | None = None, options: VolumeOptions = VolumeOptions()) -> Path:
     """Train, fuse, score; writes comparison.{csv,md,png,gif} and comparison_cases.csv in ``out`` (and, with
-    ``volumes_dir``, comparison_volumes.{csv,json} with a whole-volume table in comparison.md, segmented as
-    ``options`` say on ``base.device``)."""
+    ``volumes_dir``, comparison_volumes.{csv,json} with a whole-volume table in comparison.md, mirrored and cleaned
+    up as ``options`` say, on ``base.device`` where the runs trained)."""
     out.mkdir(parents=True, exist_ok=True)
     artifact = Artifact.open(base.data)
     artifact.require(MODALITIES)

@@ -38,7 +38,7 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
     every patient with the run that held it out, score the out-of-fold predictions and (``choose``) choose the
     clean-up on them: each fold is scored with the rule chosen on the other folds' patients, and every fold run
     stores the rule chosen on all of them (for test patients and new cases). Volumes are segmented as ``options``
-    say (mirrored or not, cleaned up or not) on ``base.device``."""
+    say (mirrored or not, cleaned up or not), on ``base.device`` where the runs trained."""
     if choose and volumes_dir is None:
         raise CommandError("--choose-clean-up chooses on out-of-fold predictions of whole volumes: give --volumes DIR")
     configs = {f"fold-{k}": replace(base, folds=folds, fold=k, name=f"fold-{k}") for k in range(folds)}
