@@ -39,12 +39,16 @@ def test_the_schedule_follows_the_share_of_the_budget_used() -> None:
 def test_a_time_limited_run_ends_validated_within_its_budget_and_resumes_with_what_is_left(
         small_artifact: Path, tmp_path: Path) -> None:
     minutes = 0.12
-    run = fit_killed(small_artifact, tmp_path / "runs", 0, epochs=99, patience=99, keep_last=True, schedule="poly",
-                     time_limit=minutes)  # killed once its first epoch was logged: resumed, it goes on
+    run = fit_killed(small_artifact, tmp_path / "runs", 2, epochs=99, patience=99, keep_last=True, schedule="poly",
+                     time_limit=minutes)  # killed once its third epoch was logged: the state of two is kept
+    kept = torch.load(run / "last.pt", weights_only=True)
+    assert kept["epoch"] == 1 and kept["seconds"] > 0  # what the resumed run counts on from
     resumed = trainer_cli("fit", "--resume", run)
     assert resumed.exit_code == 0, resumed.output
     rows = _rows(run)
     assert len(rows) >= 3 and [int(r["epoch"]) for r in rows] == list(range(len(rows)))
+    # the first session's two epochs kept, their seconds counted (their checkpoint time aside)
+    assert 0.9 * kept["seconds"] < float(rows[0]["seconds"]) + float(rows[1]["seconds"])
     assert all(r["val_dice_mean"] != "" for r in rows)  # every epoch validated, the cut last one too
     spent = sum(float(r["seconds"]) for r in rows)
     # within the budget, both sessions together (the second was not given the whole budget again)
