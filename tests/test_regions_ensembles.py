@@ -6,20 +6,23 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from scipy import ndimage
 
 from trainer.cli import main
 from trainer.config import FitConfig
 from trainer.inference.cases import CaseVolumes
 from trainer.inference.ensemble import Member, Segmenter
 from trainer.inference.slices import network_probabilities
-from trainer.scoring.cleanup import CleanUp, CleanUpTrial, clean_up
-from trainer.tasks import classes, encode, region_targets
+from trainer.scoring.brats import lesion_wise
+from trainer.scoring.cleanup import CleanUp, CleanUpTrial, RegionRule, clean_up
+from trainer.tasks import classes, encode, region_confidence, region_targets
 from trainer.training.metrics import SegmentationMetrics
 from trainer.training.step import make_loss
 
@@ -37,6 +40,16 @@ def test_region_probabilities_become_nested_labels_as_nnunet_draws_them() -> Non
     masks = region_targets(labels[None])[0]
     assert masks[:, 4].tolist() == [1, 1, 1]  # whatever is drawn, ET lies in TC lies in WT
     assert torch.equal(encode(labels[None], "regions"), region_targets(labels[None]))
+
+
+def test_region_confidence_is_the_sum_of_each_regions_classes() -> None:
+    softmax = np.array([[0.1, 0.7], [0.2, 0.1], [0.3, 0.1], [0.4, 0.1]], np.float16)  # background, NCR, ED, ET
+    regions = region_confidence(softmax, "multiclass")
+    expected = np.array([[0.9, 0.3], [0.6, 0.2], [0.4, 0.1]])  # WT: 1 - background, TC: NCR + ET, ET
+    np.testing.assert_allclose(regions / 255, expected, atol=1 / 255)
+    sigmoids = np.array([[0.9], [0.5], [0.0]], np.float32)
+    assert region_confidence(sigmoids, "regions").tolist() == [[230], [128], [0]]
+    np.testing.assert_allclose(region_confidence(softmax[:2], "binary") / 255, [[0.2, 0.1]], atol=1 / 255)  # tumour
 
 
 def test_region_loss_is_dice_plus_bce_on_the_three_masks() -> None:
@@ -129,16 +142,63 @@ def test_clean_up_trial_keeps_the_rule_that_scores_best() -> None:
     truth[8:12, 8:12, 8:12] = 3
     predicted = truth.copy()
     predicted[30:33, 30:33, 30:33] = 2  # a false lesion of 27 voxels
-    trial = CleanUpTrial(("WT", "TC", "ET"), rules=(CleanUp(), CleanUp(min_share=0.3), CleanUp((250, 150, 100))))
-    trial.add("BraTS-GLI-00001-000", predicted, truth, (1.0, 1.0, 1.0))
-    table = trial.table()
-    assert table[0]["lesion_dice_mean"] == pytest.approx((0.5 + 1 + 1) / 3)  # WT: one true, one false lesion
-    assert table[1]["lesion_dice_mean"] == pytest.approx(1.0)  # 27 < 30% of the 1000-voxel lesion: dropped
-    # the winner's sizes drop the false lesion, but also the 64-voxel core (under 150): TC and ET missed
-    assert table[2]["lesion_dice_mean"] == pytest.approx((1 + 0 + 0) / 3)
+    confidence = np.stack([np.isin(predicted, values) * np.uint8(250) for values in ((1, 2, 3), (1, 3), (3,))])
+    trial = CleanUpTrial(("WT", "TC", "ET"), rules=(RegionRule(), RegionRule(min_share=0.3), RegionRule(250)),
+                         et_counts=(0,))
+    trial.add("BraTS-GLI-00001-000", predicted, truth, (1.0, 1.0, 1.0), confidence)
+    wt, tc = [[row["lesion_dice_mean"] for row in trial.table(region)] for region in ("WT", "TC")]
+    assert wt == pytest.approx([0.5, 1.0, 1.0])  # one true and one false lesion; 27 < 30% of 1000 and < 250: dropped
+    assert tc == pytest.approx([1.0, 1.0, 0.0])  # 250 voxels would drop the 64-voxel core: a missed lesion
     rule, score = trial.best()
-    assert rule == CleanUp(min_share=0.3) and score == 1  # ties go to the earlier (simpler) rule
-    assert np.array_equal(clean_up(predicted, rule), truth)
+    assert rule == CleanUp((RegionRule(min_share=0.3), RegionRule(), RegionRule())) and score == 1  # ties: simpler
+    assert np.array_equal(clean_up(predicted, rule, confidence), truth)
+
+
+def test_clean_up_keeps_a_confident_satellite_and_drops_an_uncertain_speck() -> None:
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[5:15, 5:15, 5:15] = 2  # the main lesion
+    labels[25:28, 25:28, 25:28] = 2  # a satellite of 27 voxels ...
+    labels[32:35, 5:8, 5:8] = 2  # ... and a speck of 27 voxels: the same size, so sizes cannot tell them apart
+    probability = np.zeros((3, *labels.shape), np.float32)
+    probability[0][labels > 0] = 0.55
+    probability[0][5:15, 5:15, 5:15] = 0.99
+    probability[0][26, 26, 26] = 0.97  # the network is sure of the satellite's centre
+    keep_sure = CleanUp((RegionRule(min_confidence=0.9), RegionRule(), RegionRule()))
+    cleaned = clean_up(labels, keep_sure, probability)
+    assert cleaned[26, 26, 26] == 2 and not cleaned[32:35, 5:8, 5:8].any() and (cleaned > 0).sum() == 1000 + 27
+    by_mean = CleanUp((RegionRule(min_confidence=0.6, statistic="mean"), RegionRule(), RegionRule()))
+    assert (clean_up(labels, by_mean, probability) > 0).sum() == 1000  # the satellite's mean is 0.57: dropped too
+    as_bytes = np.rint(probability * 255).astype(np.uint8)  # what runs store: the same rule reads 0-255
+    assert np.array_equal(clean_up(labels, keep_sure, as_bytes), cleaned)
+    with pytest.raises(ValueError, match="region probabilities"):
+        clean_up(labels, keep_sure)
+
+
+def test_clean_up_trial_scores_each_rule_as_lesion_wise_scores_its_result() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        truth = ndimage.binary_dilation(rng.random((36, 36, 30)) > 0.998, iterations=2).astype(np.uint8) * 2
+        predicted = (ndimage.binary_dilation(rng.random(truth.shape) > 0.998, iterations=int(rng.integers(1, 3)))
+                     | ((truth > 0) & (rng.random(truth.shape) > 0.2))).astype(np.uint8) * 2
+        confidence = (rng.random((3, *truth.shape)) * 255).astype(np.uint8)
+        rules = (RegionRule(), RegionRule(30), RegionRule(min_share=0.4), RegionRule(min_confidence=0.99),
+                 RegionRule(10, 0.1, 0.5, "mean"))
+        trial = CleanUpTrial(("WT",), rules=rules)
+        trial.add("BraTS-GLI-00001-000", predicted, truth, (1.0, 1.0, 1.5), confidence)
+        for row, rule in zip(trial.table("WT"), rules):
+            cleaned = clean_up(predicted, CleanUp((rule, RegionRule(), RegionRule())), confidence)
+            assert row["lesion_dice_mean"] == pytest.approx(
+                lesion_wise(cleaned > 0, truth > 0, (1.0, 1.0, 1.5), distances=False)["lesion_dice"])
+
+
+def test_clean_up_rules_of_earlier_releases_still_load() -> None:
+    earlier = {"min_voxels": [250, 150, 100], "min_share": 0.1, "min_et_voxels": 300}  # a 0.3 clean_up.json
+    rule = CleanUp.from_dict(earlier)
+    assert rule.regions[1] == RegionRule(150, 0.1) and rule.min_et_voxels == 300
+    assert CleanUp.from_dict(asdict(rule)) == rule
+    assert rule.describe() == ("WT components under 250 voxels or under 10% of the largest dropped; TC components "
+                               "under 150 voxels or under 10% of the largest dropped; ET components under 100 voxels "
+                               "or under 10% of the largest dropped; ET relabelled necrosis when under 300 voxels")
 
 
 def test_clean_up_chosen_on_val_is_stored_used_and_never_chosen_on_test(small_run: Path, small_cases: Path,
@@ -152,12 +212,13 @@ def test_clean_up_chosen_on_val_is_stored_used_and_never_chosen_on_test(small_ru
                                        "--choose-clean-up", "--device", "cpu", "--limit", "2"])
     assert chosen.exit_code == 0, chosen.output
     record = json.loads((run / "clean_up.json").read_text())
-    assert record["chosen_on"] == "the val split: 2 patients" and len(record["candidates"]) == 24
-    best = max(c["lesion_dice_mean"] for c in record["candidates"])
-    assert record["lesion_dice_mean"] == best
+    regions = ("WT", "TC", "ET")
+    assert record["chosen_on"] == "the val split: 2 patients" and tuple(record["candidates"]) == regions
+    best = {r: max(c["lesion_dice_mean"] for c in record["candidates"][r]) for r in regions}
+    assert record["lesion_dice_mean"] == pytest.approx(np.mean(list(best.values())))
     rows = list(csv.DictReader(open(run / "val_volumes.csv")))
-    assert np.mean([np.mean([float(r[f"lesion_dice_{x}"]) for x in ("WT", "TC", "ET")]) for r in rows]) == \
-        pytest.approx(best)  # the val report is of the chosen rule
+    for region in regions:  # the val report is of the chosen rule
+        assert np.mean([float(r[f"lesion_dice_{region}"]) for r in rows]) == pytest.approx(best[region])
     later = CliRunner().invoke(main, ["predict", str(run), str(small_cases / rows[0]["case_id"]), "--out",
                                       str(tmp_path / "out"), "--device", "cpu"])
     assert later.exit_code == 0 and f"the clean-up chosen for {run.name} on the val split" in later.output

@@ -76,15 +76,15 @@ def test_clean_up_by_hand() -> None:
     labels[20:22, 20:22, 20:22] = 1  # 8 voxels far away
     labels[15:20, 25:29, 15:25] = 2  # 200 voxels far away
     assert np.array_equal(clean_up(labels, CleanUp()), labels)
-    small_gone = clean_up(labels, CleanUp(min_voxels=(50, 50, 50)))
+    small_gone = clean_up(labels, CleanUp.uniform((50, 50, 50)))
     assert small_gone[20:22, 20:22, 20:22].sum() == 0 and (small_gone == 2).sum() == 1000 - 64 + 200
-    share = clean_up(labels, CleanUp(min_share=0.25))  # 200 < 0.25 * 1000
+    share = clean_up(labels, CleanUp.uniform(min_share=0.25))  # 200 < 0.25 * 1000
     assert (share > 0).sum() == 1000
     no_et = clean_up(labels, CleanUp(min_et_voxels=100))
     assert (no_et == 3).sum() == 0 and (no_et == 1).sum() == 64 + 8
     speck = labels.copy()
     speck[10, 10, 10] = 3  # a lone enhancing voxel inside the oedema: a stray core component, not a lesion
-    cleaned = clean_up(speck, CleanUp(min_voxels=(10, 10, 10)))
+    cleaned = clean_up(speck, CleanUp.uniform((10, 10, 10)))
     assert cleaned[10, 10, 10] == 2 and (cleaned == 3).sum() == 64  # back to oedema: still whole tumour
 
 

@@ -12,6 +12,7 @@ Probabilities of one task can be averaged (test-time mirroring, ensembles) befor
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +59,16 @@ def encode(labels: torch.Tensor, task: str) -> torch.Tensor:
     if task == "regions":
         return region_targets(labels)
     return F.one_hot(labels.long(), OUTPUTS[task]).movedim(-1, 1).float()
+
+
+def region_confidence(probs: np.ndarray, task: str) -> np.ndarray:
+    """(outputs, ...) probabilities of one task to (regions, ...) probabilities of its regions (WT, TC, ET; WT alone
+    for binary) as uint8, 0-255: what a confidence-based clean-up weighs a component by, whatever the task (a
+    region's probability is the sum of its classes'), at a quarter of float32's memory."""
+    if task == "regions":
+        regions = probs.astype(np.float32)
+    elif task == "binary":
+        regions = probs[1:2].astype(np.float32)
+    else:
+        regions = np.stack([probs[list(REGIONS[name])].sum(0, dtype=np.float32) for name, _ in REGION_LABELS])
+    return np.rint(np.clip(regions, 0, 1) * 255).astype(np.uint8)

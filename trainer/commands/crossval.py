@@ -61,12 +61,14 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
         for volumes in scorable(cases, segmenter.read, skipped, f"fold {k} held-out volumes"):
             done = segmenter.segment(volumes, progress=False)
             labels, truth = volumes.in_input_space(done.raw), volumes.in_input_space(volumes.truth)
+            confidence = np.stack([volumes.in_input_space(p) for p in done.confidence])
             path = out / "oof" / f"{volumes.case_id}.npz"
             path.parent.mkdir(exist_ok=True)
             with atomic_output(path, suffix=".npz") as partial:
-                np.savez_compressed(partial, labels=labels, truth=truth, spacing=volumes.input_spacing)
+                np.savez_compressed(partial, labels=labels, truth=truth, spacing=volumes.input_spacing,
+                                    confidence=confidence)
             if trial is not None:
-                trial.add(volumes.case_id, labels, truth, volumes.input_spacing)
+                trial.add(volumes.case_id, labels, truth, volumes.input_spacing, confidence)
             predicted.append({"fold": k, "case_id": volumes.case_id, "path": path, "seconds": done.result.seconds})
     if not predicted:
         raise CommandError(f"{volumes_dir}: no held-out patient could be segmented (first problem: "
@@ -76,7 +78,7 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
     for item in Progress(predicted, "scoring out-of-fold volumes", unit="case"):
         saved = np.load(item["path"])
         rule = rules[item["fold"]]
-        labels = saved["labels"] if rule is None else clean_up(saved["labels"], rule)
+        labels = saved["labels"] if rule is None else clean_up(saved["labels"], rule, saved["confidence"])
         scores = score_case(labels, saved["truth"], tuple(saved["spacing"]), regions)
         results.rows.append({"case_id": item["case_id"], "fold": item["fold"],
                              "clean_up": "none" if rule is None else rule.describe(),
@@ -106,7 +108,7 @@ def _rules(trial: CleanUpTrial | None, predicted: list[dict[str, Any]], folds: i
         return {k: rule_for(clean)[0] for k in range(folds)}
     chosen = {}
     for k in range(folds):
-        others = CleanUpTrial(trial.regions, trial.rules,
+        others = CleanUpTrial(trial.regions, trial.rules, trial.et_counts,
                               {p["case_id"]: trial.scores[p["case_id"]] for p in predicted if p["fold"] != k})
         chosen[k] = others.best()[0] if others.scores else DEFAULT_CLEAN_UP
     return chosen

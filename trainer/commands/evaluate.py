@@ -93,7 +93,7 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
     """Segment every case of ``split`` over its whole volume (with the runs of ``ensemble`` averaged in, as
     ``options`` say: mirrored, cleaned up) and score it; writes ``<stem>.csv`` (a row per case) and ``<stem>.json`` (means over patients with
     95% bootstrap intervals) in the lead run (``run_dir``, or the first run in it). With ``choose``, the clean-up is
-    chosen on these cases first (``trainer.scoring.cleanup.FAMILY``), stored in the lead run, and the scores are of the
+    chosen on these cases first (``trainer.scoring.cleanup.REGION_FAMILY``), stored in the lead run, and the scores are of the
     chosen rule."""
     if choose and split == "test":
         raise CommandError("--choose-clean-up on the test split would tune on the patients being reported; choose on "
@@ -109,7 +109,7 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
     cases, skipped = cases_for(volumes_dir, chosen)
     results = VolumeResults(skipped=skipped)
     trial = CleanUpTrial(region_names(config.task)) if choose else None
-    kept: list[tuple[np.ndarray, CaseVolumes, dict[str, Any]]] = []
+    kept: list[tuple[np.ndarray, np.ndarray, CaseVolumes, dict[str, Any]]] = []  # raw labels, confidence, ...
     for volumes in scorable(cases, segmenter.read, results.skipped, f"{split} volumes"):
         done = segmenter.segment(volumes, progress=False)
         about = {"case_id": volumes.case_id, "brain_slices": done.result.brain_slices,
@@ -118,15 +118,16 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
         if trial is not None:
             assert volumes.truth is not None
             trial.add(volumes.case_id, volumes.in_input_space(done.raw), volumes.in_input_space(volumes.truth),
-                      volumes.input_spacing)
-            kept.append((done.raw, replace(volumes, images=volumes.images[:0]), about))
+                      volumes.input_spacing, np.stack([volumes.in_input_space(p) for p in done.confidence]))
+            kept.append((done.raw, done.confidence, replace(volumes, images=volumes.images[:0]), about))
         else:
             results.rows.append({**about, **score(done.labels, volumes, config.task)})
     if trial is not None and kept:
         rule = save_choice(lead, trial, f"the {split} split: {len(kept)} patients",
                            members=[str(m.run_dir) for m in segmenter.members], tta=options.tta)
         segmenter.rule, segmenter.rule_note = rule, f"the clean-up just chosen on these {split} cases: {rule.describe()}"
-        results.rows = [{**about, **score(clean_up(raw, rule), volumes, config.task)} for raw, volumes, about in kept]
+        results.rows = [{**about, **score(clean_up(raw, rule, confidence), volumes, config.task)}
+                        for raw, confidence, volumes, about in kept]
     if not results.rows:
         raise CommandError(f"{volumes_dir}: no {split} case could be scored (first problem: "
                        f"{results.skipped[0]['reason'] if results.skipped else 'the split is empty'})")

@@ -21,6 +21,7 @@ from trainer.inference.cases import CaseVolumes, Geometry, labels_of, read_case
 from trainer.inference.options import VolumeOptions
 from trainer.inference.slices import VolumeProbabilities, network_probabilities
 from trainer.scoring.cleanup import CleanUp, clean_up, rule_for
+from trainer.tasks import region_confidence
 from trainer.training.model import load_model
 
 
@@ -45,6 +46,7 @@ class CaseSegmentation:
     raw: np.ndarray  # (X, Y, Z) uint8 BraTS labels, in the training orientation
     labels: np.ndarray
     result: VolumeProbabilities
+    confidence: np.ndarray  # (regions, X, Y, Z) uint8 region probabilities (0-255): what clean-up rules weigh
 
 
 def runs_in(paths: Sequence[Path], checkpoint: str = "best.pt") -> list[Path]:
@@ -142,4 +144,6 @@ class Segmenter:
         """A whole case's labels (training orientation): raw, and cleaned up by the rule."""
         result = self.probabilities(volumes, progress)
         raw = labels_of(result.probabilities, self.config.task)
-        return CaseSegmentation(raw, raw if self.rule is None else clean_up(raw, self.rule), result)
+        confidence = region_confidence(result.probabilities, self.config.task)
+        return CaseSegmentation(raw, raw if self.rule is None else clean_up(raw, self.rule, confidence), result,
+                                confidence)

@@ -125,39 +125,76 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> flo
     return max(pred_to_truth, truth_to_pred)
 
 
+@dataclass(frozen=True)
+class LesionOverlap:
+    """One region's predicted components against its truth lesions, matched as the challenge matches them and
+    counted once. The lesion-wise Dice of any subset of the components then follows by arithmetic: how a clean-up
+    rule, which keeps a subset, is scored without labelling the volume again (``trainer.scoring.cleanup``)."""
+
+    box: tuple[slice, ...]  # where the work happens: the tumour and the lesions' reach
+    components: np.ndarray  # predicted 26-connected components 1..P inside ``box``
+    lesions: np.ndarray  # truth lesions 1..L (after merging) inside ``box``
+    sizes: np.ndarray  # (P,) voxels of each component
+    counted: np.ndarray  # (L,) whether each lesion is above the rule's minimum volume
+    lesion_sizes: np.ndarray  # (L,) voxels of each lesion
+    shared: np.ndarray  # (L, P) voxels lesion i and component j share
+    touches: np.ndarray  # (L, P) whether component j touches lesion i's dilation (a match)
+
+    @classmethod
+    def of(cls, pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], rule: LesionRule = LesionRule()
+           ) -> LesionOverlap:
+        if not (pred.any() or truth.any()):
+            box: tuple[slice, ...] = tuple(slice(0, 0) for _ in pred.shape)
+        else:
+            box = _box(pred | truth, rule.dilation + 1)  # all the work happens near the tumour
+        pred, truth = pred[box], truth[box]
+        components, count = ndimage.label(pred, _CONNECTED_26)
+        merged, lesion_count = ndimage.label(ndimage.binary_dilation(truth, _DILATION_18, iterations=rule.dilation)
+                                             if truth.size else truth, _CONNECTED_26)
+        lesions = merged * truth
+        joint = np.bincount((lesions.astype(np.int64) * (count + 1) + components).ravel(),
+                            minlength=(lesion_count + 1) * (count + 1)).reshape(lesion_count + 1, count + 1)
+        touches = np.zeros((lesion_count, count), dtype=bool)
+        for lesion in range(1, lesion_count + 1):
+            reach = ndimage.binary_dilation(lesions == lesion, _DILATION_18, iterations=rule.dilation)
+            hits = np.unique(components[reach & pred])
+            touches[lesion - 1, hits - 1] = True
+        lesion_sizes = joint[1:].sum(1)
+        return cls(box, components, lesions, joint[0, 1:] + joint[1:, 1:].sum(0),
+                   lesion_sizes * float(np.prod(spacing)) > rule.min_volume_mm3, lesion_sizes, joint[1:, 1:], touches)
+
+    def score(self, kept: np.ndarray | None = None) -> dict[str, float]:
+        """Lesion-wise Dice and the counts of matched, false and missed lesions when only the components where
+        ``kept`` (P booleans) is true are predicted (all of them by default)."""
+        kept = np.ones(len(self.sizes), dtype=bool) if kept is None else kept
+        hits = self.touches & kept[None]
+        found = hits.any(1)
+        fp = int(np.count_nonzero(kept & ~hits.any(0)))  # matching no lesion, small ones included
+        matched = (hits * self.sizes[None]).sum(1)
+        dices = 2 * (hits * self.shared).sum(1) / np.maximum(matched + self.lesion_sizes, 1)
+        count = int(np.count_nonzero(self.counted)) + fp
+        tp, fn = int(np.count_nonzero(found & self.counted)), int(np.count_nonzero(~found & self.counted))
+        dice_value = float(dices[self.counted].sum() / count) if count else 1.0  # only lesions too small, or none
+        return {"lesion_dice": dice_value, "lesion_tp": tp, "lesion_fp": fp, "lesion_fn": fn}
+
+
 def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], rule: LesionRule = LesionRule(),
                 distances: bool = True) -> dict[str, float]:
     """BraTS 2023 lesion-wise Dice and HD95 of one region, with the counts of matched, false and missed lesions
     (without ``distances``, the HD95 is left out: NaN, and the Dice costs a fraction of the time)."""
-    if not (pred.any() or truth.any()):
-        return {"lesion_dice": 1.0, "lesion_hd95": 0.0, "lesion_tp": 0, "lesion_fp": 0, "lesion_fn": 0}
-    box = _box(pred | truth, rule.dilation + 1)  # all the work happens near the tumour
-    pred, truth = pred[box], truth[box]
-    predicted, _ = ndimage.label(pred, _CONNECTED_26)
-    merged, _ = ndimage.label(ndimage.binary_dilation(truth, _DILATION_18, iterations=rule.dilation), _CONNECTED_26)
-    lesions = merged * truth
-    voxel_mm3 = float(np.prod(spacing))
-    matched: set[int] = set()
-    scores, tp, fn = [], 0, 0
-    for lesion in np.unique(lesions[lesions > 0]):
-        lesion_mask = lesions == lesion
-        reach = ndimage.binary_dilation(lesion_mask, _DILATION_18, iterations=rule.dilation)
-        hits = np.unique(predicted[reach & pred])
-        matched.update(hits.tolist())
-        if np.count_nonzero(lesion_mask) * voxel_mm3 <= rule.min_volume_mm3:
-            continue
-        match = np.isin(predicted, hits) & pred
-        scores.append((dice(match, lesion_mask), hd95(match, lesion_mask, spacing) if distances else float("nan")))
-        tp, fn = tp + (len(hits) > 0), fn + (len(hits) == 0)
-    fp = len(set(np.unique(predicted[pred]).tolist()) - matched)
-    count = len(scores) + fp
-    if count == 0:  # only lesions too small to count, all found
-        return {"lesion_dice": 1.0, "lesion_hd95": 0.0, "lesion_tp": tp, "lesion_fp": fp, "lesion_fn": fn}
-    return {
-        "lesion_dice": sum(d for d, _ in scores) / count,
-        "lesion_hd95": (sum(h for _, h in scores) + MAX_HD95 * fp) / count,
-        "lesion_tp": tp, "lesion_fp": fp, "lesion_fn": fn,
-    }
+    overlap = LesionOverlap.of(pred, truth, spacing, rule)
+    scores = overlap.score()
+    count = int(np.count_nonzero(overlap.counted)) + scores["lesion_fp"]
+    if count == 0:
+        distance = 0.0
+    elif not distances:
+        distance = float("nan")
+    else:
+        distance = (sum(hd95(np.isin(overlap.components, np.flatnonzero(overlap.touches[i]) + 1),
+                             overlap.lesions == i + 1, spacing) for i in np.flatnonzero(overlap.counted))
+                    + MAX_HD95 * scores["lesion_fp"]) / count
+    return {"lesion_dice": scores["lesion_dice"], "lesion_hd95": distance,
+            **{k: scores[k] for k in ("lesion_tp", "lesion_fp", "lesion_fn")}}
 
 
 def score_region(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], rule: LesionRule = LesionRule()
