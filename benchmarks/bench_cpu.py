@@ -1,5 +1,6 @@
-"""What pays on a CPU, per training step: channels-last memory layout and the number of torch threads, timed on the
-training step `fit` calls (``trainer.training.step.train_step``), side by side in one run, rounds interleaved.
+"""What pays on a CPU, per training step: channels-last memory layout, the number of torch threads and the decoder's
+width (`fit --decoder-channels`), timed on the training step `fit` calls (``trainer.training.step.train_step``), side
+by side in one run, rounds interleaved.
 
     python benchmarks/bench_cpu.py
 
@@ -30,20 +31,22 @@ def main() -> None:
     artifact = Artifact.open(path)
     cores = torch.get_num_threads()
     single, fused = "t2f, batch 8, contiguous (fit's CPU default)", "4 modalities, batch 16, contiguous (recipe)"
-    variants = {  # name: (modality, batch, threads, channels-last, the default it is set beside)
-        single: ("t2f", 8, cores, False, single),
-        "t2f, batch 8, channels-last": ("t2f", 8, cores, True, single),
-        "t2f, batch 8, contiguous, 1 thread": ("t2f", 8, 1, False, single),
-        fused: ("all", 16, cores, False, fused),
-        "4 modalities, batch 16, channels-last": ("all", 16, cores, True, fused),
+    variants = {  # name: (modality, batch, threads, channels-last, decoder channels, the default it is set beside)
+        single: ("t2f", 8, cores, False, None, single),
+        "t2f, batch 8, channels-last": ("t2f", 8, cores, True, None, single),
+        "t2f, batch 8, contiguous, 1 thread": ("t2f", 8, 1, False, None, single),
+        fused: ("all", 16, cores, False, None, fused),
+        "4 modalities, batch 16, channels-last": ("all", 16, cores, True, None, fused),
+        "4 modalities, batch 16, decoder 128 (--decoder-channels 128)": ("all", 16, cores, False, 128, fused),
+        "4 modalities, batch 16, decoder 64": ("all", 16, cores, False, 64, fused),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants.items())
     for round_ in range(ROUNDS):  # interleaved, reversed every other round: drift hits every variant alike
-        for name, (modality, batch, threads, channels_last, _) in order[::-1] if round_ % 2 else order:
+        for name, (modality, batch, threads, channels_last, decoder, _) in order[::-1] if round_ % 2 else order:
             torch.set_num_threads(threads)
             config = FitConfig(data=str(path), modality=modality, encoder="resnet18", encoder_weights=None,
-                               batch_size=batch, crop=128, workers=0, device="cpu")
+                               batch_size=batch, crop=128, workers=0, device="cpu", decoder_channels=decoder)
             rate, _ = bare_step_rate(config, artifact, torch.device("cpu"), WARMUP, STEPS, channels_last)
             rates[name].append(rate)
     torch.set_num_threads(cores)

@@ -25,7 +25,8 @@ def bare_step_rate(config: FitConfig, artifact: Artifact, device: torch.device, 
     layout as `fit` chooses it (channels-last on CUDA) unless ``channels_last`` says otherwise."""
     channels_last = layout_of(device) if channels_last is None else channels_last
     torch.manual_seed(config.seed)
-    model = build_model(config.arch, config.encoder, None, len(config.channels), config.classes).to(device)
+    model = build_model(config.arch, config.encoder, None, len(config.channels), config.classes,
+                        config.decoder_channels).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     network = torch.compile(model) if config.compile else model

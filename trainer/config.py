@@ -32,6 +32,7 @@ class FitConfig:
     arch: str = "unet"
     encoder: str = "resnet34"
     encoder_weights: str | None = "imagenet"
+    decoder_channels: int | None = None  # the widest decoder block, halving after (None: smp's 256)
     task: str = "multiclass"
     loss: str = "ce+dice"
     norm: str = "zscore"
@@ -85,6 +86,8 @@ class FitConfig:
             raise ValueError(f"--lr {self.lr}: use a positive finite learning rate, e.g. 1e-3")
         if self.clip_grad is not None and not (0 < self.clip_grad < float("inf")):
             raise ValueError(f"--clip-grad {self.clip_grad}: use a positive finite gradient norm, or none")
+        if self.decoder_channels is not None and not 16 <= self.decoder_channels <= 4096:
+            raise ValueError(f"--decoder-channels {self.decoder_channels}: use 16 to 4096 (smp's default is 256)")
         if not 0 <= self.context <= MAX_CONTEXT:
             raise ValueError(f"--context {self.context}: use 0 to {MAX_CONTEXT} slices on each side")
         if self.time_limit is not None and not (0 < self.time_limit < math.inf):

@@ -133,7 +133,8 @@ def _fit(config: FitConfig, device: torch.device, world: World, resume: Path | N
     if config.batch_size > train_rows:
         raise CommandError(f"--batch-size {config.batch_size} is larger than the train split ({train_rows} rows)")
     torch.manual_seed(config.seed)
-    model = build_model(config.arch, config.encoder, config.encoder_weights, config.in_channels, config.classes)
+    model = build_model(config.arch, config.encoder, config.encoder_weights, config.in_channels, config.classes,
+                        config.decoder_channels)
     model.to(device)
     if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
