@@ -47,10 +47,14 @@ def test_crafted_checkpoints_are_refused_inone_error_line(small_run: Path, tmp_p
     assert good["config"]["config_version"] == CONFIG_VERSION  # what a checkpoint says it is, for later readers
     torch.save({**good, "config": {**good["config"], "config_version": 99}}, crafted / "newer.pt")
     torch.save({**good, "config": {**good["config"], "format_version": 99}}, crafted / "newer-format.pt")
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(1, 1, 1)), crafted / "torchscript.pt")
+    torch.save(good, crafted / "legacy.pt", _use_new_zipfile_serialization=False)
+    (crafted / "text.pt").write_text("weights: none\n")
     case = tmp_path / "out"
     for name, words in (("unsafe.pt", "refused"), ("huge.pt", "invalid configuration"),
-                        ("truncated.pt", "not a readable checkpoint"), ("newer.pt", "configuration version 99"),
-                        ("newer-format.pt", "artifact format 99")):
+                        ("truncated.pt", "a checkpoint cut short"), ("newer.pt", "configuration version 99"),
+                        ("newer-format.pt", "artifact format 99"), ("torchscript.pt", "a TorchScript model"),
+                        ("legacy.pt", "torch's legacy (before 1.6) format"), ("text.pt", "not a torch checkpoint")):
         line = one_error_line(trainer_cli("predict", crafted, str(small_run), "--out", case, "--checkpoint", name))
         assert words in line and name in line
 

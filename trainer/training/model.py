@@ -22,8 +22,20 @@ def architectures() -> list[str]:
     return sorted(smp.MODEL_ARCHITECTURES_MAPPING)
 
 
-def build_model(arch: str, encoder: str, encoder_weights: str | None, in_channels: int, classes: int) -> nn.Module:
-    """``smp.create_model`` with names checked first and a one-line error when weights cannot be fetched."""
+#: The architectures whose decoder is five blocks of given widths (smp's ``decoder_channels`` tuple).
+WIDENED_DECODERS = ("unet", "unetplusplus", "manet")
+
+
+def decoder_widths(widest: int) -> tuple[int, ...]:
+    """The five decoder blocks' channels from the widest one, halving block by block as smp's default (256, 128,
+    64, 32, 16) does."""
+    return tuple(max(1, widest >> block) for block in range(5))
+
+
+def build_model(arch: str, encoder: str, encoder_weights: str | None, in_channels: int, classes: int,
+                decoder_channels: int | None = None) -> nn.Module:
+    """``smp.create_model`` with names checked first and a one-line error when weights cannot be fetched.
+    ``decoder_channels``: the widest decoder block (None: smp's default); half of it halves a U-Net step on a CPU."""
     if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
         raise ModelError(f"unknown architecture {arch!r}; valid: {', '.join(architectures())}")
     encoders = smp.encoders.get_encoder_names()
@@ -31,9 +43,13 @@ def build_model(arch: str, encoder: str, encoder_weights: str | None, in_channel
         close = [e for e in encoders if encoder.split("_")[0].lower() in e.lower()][:8]
         hint = f" (similar: {', '.join(close)})" if close else " (see `brats-train fit --help`)"
         raise ModelError(f"unknown encoder {encoder!r}{hint}")
+    if decoder_channels is not None and arch.lower() not in WIDENED_DECODERS:
+        raise ModelError(f"--decoder-channels: the {arch} architecture has no decoder blocks to narrow; use it with "
+                         f"{', '.join(WIDENED_DECODERS)}")
+    widths = {} if decoder_channels is None else {"decoder_channels": decoder_widths(decoder_channels)}
     try:
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=encoder_weights,
-                                in_channels=in_channels, classes=classes)
+                                in_channels=in_channels, classes=classes, **widths)
     except Exception as error:  # smp raises whatever its download backend raises (URLError, HTTP, hub errors...)
         if encoder_weights is None:
             raise
@@ -95,8 +111,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu", resume: bool
         raise ModelError(f"{path}: refused: loading it would run code or build objects a brats2d checkpoint never "
                          "holds; do not load it (brats2d checkpoints hold only tensors and plain values)") from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise ModelError(f"{path}: not a readable checkpoint ({type(error).__name__}); it may be truncated: "
-                         "use another checkpoint of the run (best.pt or last.pt)") from None
+        raise ModelError(_unreadable(path, error)) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise ModelError(f"{path}: not a brats2d checkpoint (no model weights and configuration)")
     check_config(path, checkpoint["config"])
@@ -111,11 +126,37 @@ def _check_bytes(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        raise ModelError(f"{path}: not a readable checkpoint ({type(error).__name__}: {str(error)[:60]}); it may be "
-                         "truncated: use another checkpoint of the run (best.pt or last.pt)") from None
+        raise ModelError(_unreadable(path, error)) from None
     if damaged is not None:
         raise ModelError(f"{path}: damaged: its part {damaged} fails its checksum (CRC-32), so the weights are not the "
                          "ones saved; use another checkpoint of the run, or train it again")
+
+
+#: The first bytes of torch's pre-1.6 checkpoint format: a pickle (protocol 2) of its magic number.
+_LEGACY_TORCH = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    """Why a checkpoint file cannot be read, said as what the file is: a TorchScript model, torch's legacy format,
+    a zip cut short, or something else."""
+    advice = "brats2d checkpoints are the best.pt and last.pt that `brats-train fit` writes"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_LEGACY_TORCH))
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        names = None
+    if names is not None and any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return (f"{path}: a TorchScript model (torch.jit.save), not a brats2d checkpoint; it runs with "
+                f"torch.jit.load, and {advice}")
+    if head.startswith(_LEGACY_TORCH):
+        return f"{path}: a checkpoint in torch's legacy (before 1.6) format, not one brats2d wrote; {advice}"
+    if head.startswith(b"PK\x03\x04") and names is None:
+        return (f"{path}: a checkpoint cut short ({type(error).__name__}): use another checkpoint of the run "
+                "(best.pt or last.pt), or train it again")
+    return (f"{path}: not a torch checkpoint ({type(error).__name__}: {str(error)[:60]}); {advice}, or use another "
+            "checkpoint of the run")
 
 
 def check_config(path: Path, config: Any) -> None:
@@ -176,7 +217,8 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn
     checkpoint = read_checkpoint(Path(path), device)
     config = checkpoint["config"]
     in_channels = len(config["channels"]) * (2 * config.get("context", 0) + 1)
-    model = build_model(config["arch"], config["encoder"], None, in_channels, config["classes"])
+    model = build_model(config["arch"], config["encoder"], None, in_channels, config["classes"],
+                        config.get("decoder_channels"))
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError, AttributeError):
