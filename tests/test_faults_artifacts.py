@@ -50,20 +50,25 @@ def test_rebuilt_file_is_refused_unless_scored_on_purpose(small_run: Path, small
     assert "not the file this run trained on" in one_error_line(resumed)
 
 
-def test_file_replaced_during_fit_is_detected_not_read(small_artifact: Path, small_cases: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["replaced", "copied over"])
+def test_file_replaced_during_fit_is_detected_not_read(small_artifact: Path, small_cases: Path, tmp_path: Path,
+                                                       how: str) -> None:
+    """A colleague rebuilds the file (a new inode), or copies another over it (same inode, new bytes: h5py's reads
+    then fail inside a chunk): either way the run says the file changed, never that it is damaged."""
     data = tmp_path / "data.h5"
     shutil.copy(small_artifact, data)
     other = tmp_path / "other.h5"
     build(small_cases, other, BuildOptions(jobs=1, seed=9, val_fraction=0.25, test_fraction=0.25, progress=False))
 
-    def rebuild(row):  # a colleague rebuilds the file while epoch 1 is being logged
+    def rebuild(row):  # while epoch 1 is being logged
         if row["epoch"] == 0:
-            os.replace(other, data)
+            os.replace(other, data) if how == "replaced" else shutil.copyfile(other, data)
 
     config = make_config(data, "t1n", tmp_path / "runs", **FAST_OPTIONS, epochs=3)
     with pytest.raises(ArtifactError) as caught:
         fit(config, on_epoch_end=rebuild)
     assert "replaced or changed while this run read it" in str(caught.value) and str(data) in str(caught.value)
+    assert "damaged" not in str(caught.value)
     (run,) = (tmp_path / "runs").iterdir()
     with open(run / "metrics.csv") as handle:
         assert len(handle.readlines()) == 2  # header and epoch 1 only: no epoch validated on the new file
@@ -267,3 +272,16 @@ def test_gzip_files_read_with_plain_h5py_and_train_alike(cases_dir: Path, artifa
     rows = a.rows_of("train")
     first, second = SliceDataset(RowReader(a.path, ["t1n", "t2f"]), rows)[0], SliceDataset(RowReader(b.path, ["t1n", "t2f"]), rows)[0]
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_info_and_verify_never_raise_whatever_the_file_holds(artifact: Path, tmp_path: Path) -> None:
+    """An artifact whose last 90% is zeroed (a copy cut short, a disk that lost blocks; h5py raised RuntimeError):
+    info says it is not readable in one line, verify names problems; neither shows a traceback."""
+    damaged = tmp_path / "damaged.h5"
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 10:] = bytes(len(data) - len(data) // 10)
+    damaged.write_bytes(bytes(data))
+    info = builder_cli("info", damaged)
+    assert info.exit_code == 1 and f"{damaged}: not a readable brats2d artifact" in one_error_line(info)
+    checked = builder_cli("verify", damaged)
+    assert checked.exit_code == 1 and "Traceback" not in checked.output and str(damaged) in checked.output

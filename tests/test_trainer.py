@@ -139,6 +139,21 @@ def test_unknown_names_list_the_valid_ones(artifact: Path, tmp_path: Path) -> No
     assert result.exit_code == 2 and "t1n" in result.output and "flair" in result.output
 
 
+def test_a_narrower_decoder_trains_saves_and_loads_with_its_widths(small_artifact: Path, artifact: Path,
+                                                                     tmp_path: Path) -> None:
+    result = _fit(small_artifact, tmp_path, "-m", "t1n", "--decoder-channels", "64", "--name", "narrow")
+    assert result.exit_code == 0, result.output
+    run = next(tmp_path.glob("narrow-*"))
+    model, config = load_model(run / "best.pt")
+    assert config["decoder_channels"] == 64
+    widths = [block.conv2[0].out_channels for block in model.decoder.blocks]
+    assert widths == [64, 32, 16, 8, 4]  # halving block by block, as smp's default 256 does
+    line = one_error_line(_fit(artifact, tmp_path / "fpn", "-m", "t1n", "--arch", "fpn", "--decoder-channels", "64"))
+    assert "--decoder-channels" in line and "unet" in line and not (tmp_path / "fpn").exists()
+    line = one_error_line(_fit(artifact, tmp_path / "tiny", "-m", "t1n", "--decoder-channels", "8"))
+    assert "--decoder-channels 8" in line and "16 to 4096" in line
+
+
 def test_weights_that_cannot_be_fetched(artifact: Path, tmp_path: Path, monkeypatch) -> None:
     import segmentation_models_pytorch as smp
 
@@ -166,7 +181,8 @@ def test_damaged_chunk_is_reported_not_raised(artifact: Path, tmp_path: Path) ->
         handle.seek(target.byte_offset + target.size // 2)
         handle.write(b"\x00\xff\x00\xff")
     line = one_error_line(_fit(damaged, tmp_path / "runs", "-m", "t2w", "--epochs", "1"))
-    assert "brats-build verify" in line
+    assert f"{damaged}: reading row {target.chunk_offset[0]} failed" in line and "damaged" in line
+    assert "brats-build verify" in line and "replaced" not in line
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from builder.format import CASE_ID, CONTEXT_GROUP, LABELS, SEG
 from trainer.data.artifact import FileStamp, file_stamp, label_error, replaced
 from trainer.data.context import neighbours_kept, stack_context
+from trainer.errors import ArtifactError
 
 #: Stored dtypes torch cannot hold are widened when read; the rest travel as stored.
 _TORCH_UNSUPPORTED = {np.dtype("uint16"), np.dtype("uint32"), np.dtype("uint64")}
@@ -58,16 +59,30 @@ class RowReader:
 
     def read(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         datasets = self._open()
-        image = np.stack([datasets[c][row] for c in self.channels])  # one chunk per channel, never fancy indexing
-        if self.context:  # one more chunk per channel: its neighbouring slices
-            neighbours = np.stack([datasets[f"{CONTEXT_GROUP}/{c}"][row][self.kept] for c in self.channels])
-            image = stack_context(image, neighbours, self.context)
+        try:
+            image = np.stack([datasets[c][row] for c in self.channels])  # one chunk per channel, never fancy indexing
+            if self.context:  # one more chunk per channel: its neighbouring slices
+                neighbours = np.stack([datasets[f"{CONTEXT_GROUP}/{c}"][row][self.kept] for c in self.channels])
+                image = stack_context(image, neighbours, self.context)
+            labels = datasets[SEG][row]
+        except OSError as error:  # h5py's words name neither the file nor the cause
+            raise self._failed(row, error) from None
         if image.dtype in _TORCH_UNSUPPORTED:
             image = image.astype(np.float32)
-        labels = datasets[SEG][row]
         if labels.max() >= len(LABELS):  # about 5 us a row
             raise label_error(self.path, row, datasets[CASE_ID].asstr()[row], int(labels.max()))
         return image, labels
+
+    def _failed(self, row: int, error: OSError) -> ArtifactError:
+        """A failed read as what it is: the file replaced under the run (its stamp changed), or damaged."""
+        try:
+            changed = self.stamp is not None and file_stamp(self.path) != self.stamp
+        except OSError:
+            changed = True
+        if changed:
+            return replaced(self.path)
+        return ArtifactError(f"{self.path}: reading row {row} failed ({error.strerror or error}); the file is damaged: "
+                             f"check it with `brats-build verify {self.path}`, or build it again")
 
     def close(self) -> None:
         if self._datasets is not None and self._pid == os.getpid():
