@@ -9,9 +9,10 @@ from joblib import Parallel, delayed
 
 from builder import __version__
 from builder.build import BuildError, BuildOptions, build
+from builder.console import Commands
 from builder.extract import SliceRule
-from builder.inspect import describe, verify
 from builder.format import MAX_CONTEXT, PLANES
+from builder.inspect import describe, verify
 from builder.labels import LABEL4_CHOICES
 from builder.layout import LAYOUTS
 from builder.progress import Progress
@@ -19,7 +20,7 @@ from builder.synth import write_case
 from builder.writer import COMPRESSIONS, DEFAULT_COMPRESSION
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="brats-build (brats2d)")
 def main() -> None:
     """Turn a BraTS folder into one chunked HDF5 file of densest tumour slices (datasets/FORMAT.md)."""
@@ -142,11 +143,12 @@ def info(file: Path) -> None:
     """Print a summary of an artifact: rows, splits, modalities, provenance, skipped cases."""
     _existing_file(file)
     try:
-        click.echo(describe(file))
-    except (OSError, KeyError, ValueError) as error:
+        summary = describe(file)
+    except Exception as error:  # whatever a damaged or foreign file makes h5py raise: never a traceback
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
         raise click.ClickException(f"{file}: not a readable brats2d artifact ({reason}); run `brats-build verify {file}`"
                                    ) from None
+    click.echo(summary)
 
 
 @main.command(name="verify")
