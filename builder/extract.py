@@ -104,11 +104,10 @@ class CaseRows:
 
 def read_case_headers(case: Case) -> CaseHeaders | Skipped:
     """Check that every file exists and that all five volumes share one 3D shape."""
-    missing = case.missing()
-    if missing:
-        names = ", ".join(case.files[name].name for name in missing)
-        hint = " (an unlabelled validation case?)" if missing == [SEG] else ""
-        return Skipped(case.case_id, f"missing file(s): {names}{hint}")
+    problems = case.problems()
+    if problems:
+        hint = " (an unlabelled validation case?)" if case.missing() == [SEG] and "; " not in problems else ""
+        return Skipped(case.case_id, f"{problems}{hint}")
     try:
         headers = {name: read_header(path) for name, path in case.files.items()}
     except NiftiReadError as error:

@@ -18,7 +18,7 @@ import torch
 
 from builder.format import DEFAULT_AXIS_CODES, DEFAULT_VOXEL_SIZE, SEG
 from builder.labels import to_brats2023
-from builder.layout import Case
+from builder.layout import MISSING, Case, file_problem
 from trainer.config import FitConfig
 from trainer.errors import CaseError, CommandError
 from trainer.outputs import atomic_output
@@ -98,11 +98,14 @@ def read_case(case: Case, channels: Sequence[str], geometry: Geometry, label4: s
     nib = nibabel()
     from builder.nifti import NiftiReadError, read_header  # needs nibabel too
     orientations = nib.orientations
-    missing = [case.files[c].name for c in channels if not case.files[c].is_file()]
-    if missing:
-        raise CaseError(f"{case.case_id}: missing {', '.join(missing)}")
+    problems = case.problems(channels)
+    if problems:
+        raise CaseError(f"{case.case_id}: {problems}")
     paths = [case.files[c] for c in channels]
-    has_seg = case.files[SEG].is_file()
+    seg_problem = file_problem(case.files[SEG])
+    if seg_problem not in (None, MISSING):
+        raise CaseError(f"{case.case_id}: {case.files[SEG].name} is {seg_problem}")
+    has_seg = seg_problem is None
     try:
         images = [nib.load(path) for path in paths]
         seg_image = nib.load(case.files[SEG]) if has_seg else None
@@ -153,13 +156,15 @@ def labels_of(probs: np.ndarray, task: str) -> np.ndarray:
     return labels if task != "binary" else labels * BINARY_LABEL
 
 
-def write_labels(labels: np.ndarray, case: CaseVolumes, path: Path, et_label: int = 3) -> None:
+def write_labels(labels: np.ndarray, case: CaseVolumes, path: Path, et_label: int = 3, description: str = "") -> None:
     """``labels`` (training orientation) as a uint8 NIfTI in the case's own space, enhancing tumour written as
-    ``et_label`` (4 in the 2018-2021 convention); atomic, nothing partial left."""
+    ``et_label`` (4 in the 2018-2021 convention), ``description`` in the header's descrip field (at most 80 ASCII
+    characters); atomic, nothing partial left."""
     nib = nibabel()
     header = case.reference.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
+    header["descrip"] = description.encode("ascii")
     written = case.in_input_space(labels)
     if et_label != 3:
         written = np.where(written == 3, np.uint8(et_label), written)
@@ -170,8 +175,13 @@ def write_labels(labels: np.ndarray, case: CaseVolumes, path: Path, et_label: in
 def score(labels: np.ndarray, case: CaseVolumes, task: str) -> dict[str, float]:
     """The whole-volume scores of ``trainer.scoring.brats`` and how long they took, computed in the case's own voxel
     order and spacing, as the challenge's code computes them on the files."""
+    return score_in_input_space(case.in_input_space(labels), case, task)
+
+
+def score_in_input_space(labels: np.ndarray, case: CaseVolumes, task: str) -> dict[str, float]:
+    """``score`` of labels already in the case's own voxel order (a mask read back from its file; ET as 3 or 4)."""
     started = time.perf_counter()
     assert case.truth is not None
-    scores = score_case(case.in_input_space(labels), case.in_input_space(case.truth), case.input_spacing,
-                        region_names(task))
+    labels = np.where(labels == 4, np.uint8(3), labels)
+    scores = score_case(labels, case.in_input_space(case.truth), case.input_spacing, region_names(task))
     return {**scores, "score_seconds": round(time.perf_counter() - started, 3)}
