@@ -3,6 +3,7 @@ that end a build, partials left by killed builds, and two writers of one output.
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from conftest import (
     released_together,
     trainer_cli,
     unprivileged,
+    writable_copy,
 )
 
 
@@ -153,3 +155,93 @@ def test_a_case_name_near_the_file_system_limit_is_predicted(small_run: Path, sm
     assert read_volume(out / f"{name}.nii.gz").shape == read_volume(source / f"{source.name}-seg.nii.gz").shape
     assert (out / f"{name}.npz").is_file() and name in (out / "predict_scores.csv").read_text()
     assert partials(out) == []
+
+
+def test_predict_killed_and_rerun_scores_every_case(small_run: Path, small_cases: Path, tmp_path: Path) -> None:
+    """SIGKILL after the first mask: the rerun keeps it, writes the rest, and its table holds every case, the kept
+    masks scored as written; masks another model wrote are refused, not mixed in."""
+    inputs = tmp_path / "in"
+    cases = sorted(small_cases.iterdir())[:3]
+    for case in cases:
+        shutil.copytree(case, inputs / case.name)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "trainer", "predict", str(small_run), str(inputs), "--out",
+                                str(out), "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / f"{cases[0].name}.nii.gz"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert first.is_file()
+    for case in cases[1:]:  # as if the kill had come before them, however fast this machine is
+        (out / f"{case.name}.nii.gz").unlink(missing_ok=True)
+    rerun = trainer_cli("predict", small_run, inputs, "--out", out, "--device", "cpu")
+    assert rerun.exit_code == 0, rerun.output
+    assert rerun.output.count("written before by these models") == 1 and rerun.output.count(": wrote ") == 2
+    assert "3 cases in" in rerun.output and "3 scored" in rerun.output and "0 skipped" in rerun.output
+    with open(out / "predict_scores.csv") as handle:
+        rows = {row["case_id"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {case.name for case in cases} and rows[cases[0].name]["written"] == "before"
+    for case in cases:
+        mask, truth = read_volume(out / f"{case.name}.nii.gz"), read_volume(case / f"{case.name}-seg.nii.gz")
+        p, t = mask > 0, truth > 0
+        expected = 1.0 if not (p.any() or t.any()) else 2 * (p & t).sum() / (p.sum() + t.sum())
+        assert float(rows[case.name]["dice_WT"]) == pytest.approx(expected)
+    other = trainer_cli("predict", small_run, inputs, "--out", out, "--device", "cpu", "--tta")
+    assert other.exit_code == 1 and other.output.count("written by other models, options or inputs") == 3
+    assert "--overwrite" in other.output and (out / "predict_scores.csv").is_file()
+
+
+def _tool(*args: object, stdout: object) -> subprocess.CompletedProcess:
+    """A command-line tool in a child process, its standard output as given (a file, or a pipe)."""
+    tool = {"brats-build": "builder", "brats-train": "trainer"}[str(args[0])]
+    return subprocess.run([sys.executable, "-m", tool, *map(str, args[1:])], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=300)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_standard_output_is_its_own_message(cases_dir: Path, artifact: Path, tmp_path: Path) -> None:
+    """`> /dev/full`: one line on standard error naming standard output, never the file read or written, no
+    traceback; what build wrote is whole."""
+    with open("/dev/full", "w") as full:
+        for args in (("brats-build", "info", artifact), ("brats-build", "verify", artifact),
+                     ("brats-build", "build", cases_dir, tmp_path / "new.h5", "--jobs", "1")):
+            done = _tool(*args, stdout=full)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, (args, done.stderr)
+            assert done.stderr.strip().splitlines() == ["Error: standard output could not be written (No space left "
+                                                        "on device); what the command printed is lost; files are "
+                                                        "written whole or not at all"]
+    assert builder_cli("verify", tmp_path / "new.h5").exit_code == 0 and partials(tmp_path) == []
+
+
+def test_a_closed_pipe_ends_a_command_quietly(artifact: Path, small_run: Path, tmp_path: Path) -> None:
+    """`| head -c 1`: the reader goes away; the command ends at its next write with a closed pipe's status (141, as
+    a process ended by SIGPIPE) and says nothing, as Unix tools do; never "reading failed (Broken pipe)"."""
+    run = writable_copy(small_run, tmp_path)
+    for args in (("brats-build", "info", artifact), ("brats-train", "evaluate", run, "--device", "cpu")):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = _tool(*args, stdout=write)
+        finally:
+            os.close(write)
+        assert done.returncode == 141 and done.stderr == "", (args, done.stderr)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_export_onto_a_full_disk_leaves_neither_file(small_run: Path, tmp_path: Path, fmt: str) -> None:
+    """The network and its sidecar are one unit: torch's own writer aborted the process on a full disk (a C++
+    abort, a partial left); now the bytes are made in memory and a failed write is one line naming the outputs."""
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    run = writable_copy(small_run, tmp_path)
+    suffix = {"torchscript": ".pt", "onnx": ".onnx"}[fmt]
+    with file_size_limit(100_000):  # the network is megabytes: its write fails as on a full disk
+        line = one_error_line(trainer_cli("export", run, "--format", fmt))
+    assert f"model{suffix}" in line and f"model{suffix}.json" in line and "could not be written" in line
+    assert not (run / f"model{suffix}").exists() and not (run / f"model{suffix}.json").exists()
+    assert partials(run) == []
+    (run / f"model{suffix}.json").mkdir()  # in the sidecar's way: refused before anything is written
+    line = one_error_line(trainer_cli("export", run, "--format", fmt))
+    assert f"model{suffix}.json: is a folder" in line and not (run / f"model{suffix}").exists()

@@ -116,7 +116,7 @@ def test_predict_takes_folders_and_writes_names_that_never_collide(small_run: Pa
         np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1, atol=0.01)
     assert not list(out.glob("*seg*"))
     again = trainer_cli("predict", small_run, inputs, "--out", out, "--device", "cpu")
-    assert again.exit_code == 0 and again.output.count("exists (--overwrite") == 2
+    assert again.exit_code == 0 and again.output.count("written before by these models") == 2
     redone = trainer_cli("predict", small_run, inputs, "--out", out, "--device", "cpu", "--overwrite")
     assert redone.exit_code == 0 and redone.output.count(": wrote ") == 2
     empty = tmp_path / "empty"

@@ -19,22 +19,38 @@ from trainer.errors import OutputError
 
 
 @contextmanager
-def atomic_output(path: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a hidden partial path to write; it replaces ``path`` only when the block ends without error, and is
-    removed otherwise. The partial's name is this writer's own (pid and a random part) and short whatever the
-    output is called (``.partial-<pid>-<hex>`` and ``suffix``, by default the output's own last one, which some
-    writers need: an output name near the file system's 255 bytes still has room for its partial): two writers of
-    one output never touch each other's partial, and the last complete write wins whole. OSErrors (no space,
-    read-only, permissions) become OutputError naming the output."""
-    partial = path.with_name(f".partial-{os.getpid()}-{secrets.token_hex(4)}{suffix or path.suffix}")
+def atomic_outputs(*paths: Path, suffixes: Sequence[str] = ()) -> Iterator[list[Path]]:
+    """Yield a hidden partial path for each of ``paths`` to write; they replace ``paths`` only when the block ends
+    without error (every write done before the first rename, so a full disk leaves neither), and are removed
+    otherwise. A partial's name is this writer's own (pid and a random part) and short whatever the output is called
+    (``.partial-<pid>-<hex>`` and its suffix, by default the output's own last one, which some writers need: an
+    output name near the file system's 255 bytes still has room for its partial): two writers of one output never
+    touch each other's partial, and the last complete write wins whole. OSErrors (no space, read-only, permissions)
+    become OutputError naming the outputs."""
+    for path in paths:
+        if path.is_dir():  # a rename onto it would fail after the others were made
+            raise OutputError(f"{path}: is a folder; remove it or write the output elsewhere")
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    partials = [path.with_name(f".partial-{token}-{i}{suffix or path.suffix}")
+                for i, (path, suffix) in enumerate(zip(paths, [*suffixes, *[""] * len(paths)]))]
     try:
-        yield partial
-        os.replace(partial, path)
+        yield partials
+        for partial, path in zip(partials, paths):
+            os.replace(partial, path)
     except OSError as error:
-        raise OutputError(f"{path}: could not be written ({error.strerror or error}); nothing partial was left: "
+        names = " and ".join(str(path) for path in paths)
+        raise OutputError(f"{names}: could not be written ({error.strerror or error}); nothing partial was left: "
                           "free some space or choose a writable folder") from None
     finally:
-        partial.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output(path: Path, suffix: str = "") -> Iterator[Path]:
+    """``atomic_outputs`` of one output."""
+    with atomic_outputs(path, suffixes=(suffix,)) as (partial,):
+        yield partial
 
 
 def write_text(path: Path, text: str) -> None:
@@ -65,9 +81,13 @@ def strict(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, value: Any) -> None:
+def json_text(value: Any) -> str:
     """Strict JSON (no NaN or Infinity: null, with the reason beside it where the writer knows one)."""
-    write_text(path, json.dumps(strict(value), indent=2, allow_nan=False, default=str))
+    return json.dumps(strict(value), indent=2, allow_nan=False, default=str)
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_text(path, json_text(value))
 
 
 class BackgroundWriter:

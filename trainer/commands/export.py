@@ -9,6 +9,7 @@ sigmoids per region for ``--task regions``; see trainer/tasks.py for turning the
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from trainer.commands.predict import output_names
 from trainer.config import FitConfig
 from trainer.data.context import input_names
 from trainer.errors import CommandError
-from trainer.outputs import atomic_output, write_json
+from trainer.outputs import atomic_outputs, json_text
 from trainer.training.model import load_model
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -40,16 +41,19 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, checkpoint: s
     config = FitConfig.from_dict(saved, str(run_dir / checkpoint))
     out = out or run_dir / f"model{FORMATS[fmt]}"
     example = torch.zeros(1, config.in_channels, 64, 64)
-    with atomic_output(out, suffix=FORMATS[fmt]) as partial, torch.no_grad(), warnings.catch_warnings():
+    network = io.BytesIO()  # serialised in memory: torch's file writer aborts the process when a write fails
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing warns about shape-dependent branches that are fixed for a U-Net
         if fmt == "torchscript":
-            torch.jit.trace(model, example).save(str(partial))
+            torch.jit.save(torch.jit.trace(model, example), network)
         else:
             axes = {0: "batch", 2: "height", 3: "width"}
-            torch.onnx.export(model, (example,), str(partial), input_names=["slices"], output_names=["logits"],
+            torch.onnx.export(model, (example,), network, input_names=["slices"], output_names=["logits"],
                               dynamic_axes={"slices": axes, "logits": axes}, dynamo=False)
     sidecar = out.with_name(out.name + ".json")
-    write_json(sidecar, describe(config, fmt, run_dir / checkpoint))
+    with atomic_outputs(out, sidecar) as (network_partial, sidecar_partial):  # both or neither
+        network_partial.write_bytes(network.getvalue())
+        sidecar_partial.write_text(json_text(describe(config, fmt, run_dir / checkpoint)))
     return out, sidecar
 
 
