@@ -135,10 +135,11 @@ def test_a_case_name_that_is_not_utf8_is_built_and_predicted_under_a_safe_id(sma
     with h5py.File(tmp_path / "x.h5") as f:
         assert sorted(v.decode() for v in f["case_id"][()]) == sorted([good.name, case_id])
     assert os_name(case_id) == name
-    out = tmp_path / "out"
+    out = tmp_path / os.fsdecode(b"masks\xe9")  # an output folder named the same way
     predicted = trainer_cli("predict", small_run, source, "--out", out, "--device", "cpu")
     assert predicted.exit_code == 0, predicted.output
-    assert (out / f"{case_id}.nii.gz").is_file() and case_id in (out / "predict_scores.csv").read_text()
+    table = (out / "predict_scores.csv").read_bytes()  # the folder's name as the OS gave it
+    assert (out / f"{case_id}.nii.gz").is_file() and case_id.encode() in table and os.fsencode(out) in table
     assert np.array_equal(nib.load(out / f"{case_id}.nii.gz").affine, nib.load(next((source / name).iterdir())).affine)
 
 

@@ -201,12 +201,12 @@ def _tool(*args: object, stdout: object) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_a_full_standard_output_is_its_own_message(cases_dir: Path, artifact: Path, tmp_path: Path) -> None:
+def test_a_full_standard_output_is_its_own_message(small_cases: Path, small_artifact: Path, tmp_path: Path) -> None:
     """`> /dev/full`: one line on standard error naming standard output, never the file read or written, no
     traceback; what build wrote is whole."""
     with open("/dev/full", "w") as full:
-        for args in (("brats-build", "info", artifact), ("brats-build", "verify", artifact),
-                     ("brats-build", "build", cases_dir, tmp_path / "new.h5", "--jobs", "1")):
+        for args in (("brats-build", "info", small_artifact), ("brats-build", "verify", small_artifact),
+                     ("brats-build", "build", small_cases, tmp_path / "new.h5", "--jobs", "1")):
             done = _tool(*args, stdout=full)
             assert done.returncode == 1 and "Traceback" not in done.stderr, (args, done.stderr)
             assert done.stderr.strip().splitlines() == ["Error: standard output could not be written (No space left "
@@ -215,11 +215,11 @@ def test_a_full_standard_output_is_its_own_message(cases_dir: Path, artifact: Pa
     assert builder_cli("verify", tmp_path / "new.h5").exit_code == 0 and partials(tmp_path) == []
 
 
-def test_a_closed_pipe_ends_a_command_quietly(artifact: Path, small_run: Path, tmp_path: Path) -> None:
+def test_a_closed_pipe_ends_a_command_quietly(small_artifact: Path, small_run: Path, tmp_path: Path) -> None:
     """`| head -c 1`: the reader goes away; the command ends at its next write with a closed pipe's status (141, as
     a process ended by SIGPIPE) and says nothing, as Unix tools do; never "reading failed (Broken pipe)"."""
     run = writable_copy(small_run, tmp_path)
-    for args in (("brats-build", "info", artifact), ("brats-train", "evaluate", run, "--device", "cpu")):
+    for args in (("brats-build", "info", small_artifact), ("brats-train", "evaluate", run, "--device", "cpu")):
         read, write = os.pipe()
         os.close(read)
         try:

@@ -54,8 +54,9 @@ def atomic_output(path: Path, suffix: str = "") -> Iterator[Path]:
 
 
 def write_text(path: Path, text: str) -> None:
+    """UTF-8, a path's bytes that are not UTF-8 written back as the OS gave them (surrogate escapes)."""
     with atomic_output(path) as partial:
-        partial.write_text(text)
+        partial.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
