@@ -162,8 +162,9 @@ def snapshot(fold: Fold, row: Row, plane: str) -> Path:
     One run per model and patients, extended from budget to budget: budgets are reached in increasing order."""
     recipe = RECIPES[row.recipe]
     name = f"{plane}-d{recipe.decoder_channels or 256}-p{len(fold.patients_of(row))}"
-    if row.minutes:
-        return timed_run(fold, row, plane, fold.folder / f"run-{name}-{row.minutes}min")
+    if row.minutes:  # named by the model's own share: three planes' 10 minutes each are not axial's 30
+        share = row.minutes / len(recipe.planes)
+        return timed_run(fold, row, plane, fold.folder / f"run-{name}-{share:g}min")
     out = fold.folder / f"snap-{name}-{row.steps}"
     if (out / "best.pt").is_file():
         return out
