@@ -173,13 +173,8 @@ def snapshot(fold: Fold, row: Row, plane: str) -> Path:
         saved, _ = resume_point(run)
         fit(FitConfig.from_dict({**saved, "max_steps": row.steps}), resume=run)
     else:
-        data = artifact(fold, plane, fold.patients_of(row))
-        config = FitConfig(data=str(data), modality="all", encoder="resnet18", encoder_weights=None, batch_size=16,
-                           crop=128, epochs=10_000, max_steps=row.steps, patience=10_000, workers=0, device="cpu",
-                           context=CONTEXT, task="regions", decoder_channels=recipe.decoder_channels,
-                           keep_last=True, quiet=True)
         shutil.rmtree(run, ignore_errors=True)  # a run killed before its first checkpoint starts again
-        fit(config, run_dir=run)
+        fit(model_config(fold, row, plane, max_steps=row.steps, keep_last=True), run_dir=run)
     steps = int(History(run / "metrics.csv").rows[-1]["step"])
     if steps != row.steps:
         sys.exit(f"{run}: trained {steps} steps, past the {row.steps} asked: ask for budgets in increasing order, or "
@@ -202,14 +197,19 @@ def timed_run(fold: Fold, row: Row, plane: str, run: Path) -> Path:
         saved, _ = resume_point(run)
         fit(FitConfig.from_dict(saved), resume=run)
         return run
-    recipe = RECIPES[row.recipe]
-    config = FitConfig(data=str(artifact(fold, plane, fold.patients_of(row))), modality="all", encoder="resnet18",
-                       encoder_weights=None, batch_size=16, crop=128, epochs=10_000, patience=10_000, workers=0,
-                       device="cpu", context=CONTEXT, task="regions", decoder_channels=recipe.decoder_channels,
-                       time_limit=row.minutes / len(recipe.planes), schedule="poly", quiet=True)  # type: ignore[operator]
+    share = row.minutes / len(RECIPES[row.recipe].planes)  # type: ignore[operator]
     shutil.rmtree(run, ignore_errors=True)  # a run killed before its first checkpoint starts again
-    fit(config, run_dir=run)
+    fit(model_config(fold, row, plane, time_limit=share, schedule="poly"), run_dir=run)
     return run
+
+
+def model_config(fold: Fold, row: Row, plane: str, **budget: object) -> FitConfig:
+    """Every model's settings (early fusion, region outputs, Unet/resnet18 from scratch, batch 16 of 128x128
+    patches, 2 CPU threads, no early stop), with the row's ``budget``: max_steps, or a time limit and schedule."""
+    return FitConfig(data=str(artifact(fold, plane, fold.patients_of(row))), modality="all", encoder="resnet18",
+                     encoder_weights=None, batch_size=16, crop=128, epochs=10_000, patience=10_000, workers=0,
+                     device="cpu", context=CONTEXT, task="regions",
+                     decoder_channels=RECIPES[row.recipe].decoder_channels, quiet=True, **budget)  # type: ignore[arg-type]
 
 
 def train_minutes(run: Path) -> float:
