@@ -56,6 +56,7 @@ TRAINER = '''
 import os
 import time
 
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
@@ -63,8 +64,9 @@ class nnUNetTrainer_Budget(nnUNetTrainer):
     """nnUNetTrainer bounded by wall time (BRATS2D_PEER_MINUTES), with short epochs (written by brats2d's
     benchmarks/peer_nnunet.py; placed at the top of the trainer folder so that nnU-Net finds it first)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_iterations_per_epoch = 25
         self.num_val_iterations_per_epoch = 5
         self.num_epochs = 100_000
@@ -79,7 +81,7 @@ class nnUNetTrainer_Budget(nnUNetTrainer):
             self.on_train_epoch_start()
             outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
             self.on_train_epoch_end(outputs)
-            with __import__("torch").no_grad():
+            with torch.no_grad():
                 self.on_validation_epoch_start()
                 outputs = [self.validation_step(next(self.dataloader_val))
                            for _ in range(self.num_val_iterations_per_epoch)]
@@ -93,6 +95,9 @@ class nnUNetTrainer_Budget(nnUNetTrainer):
             if elapsed + per_epoch > self.budget_seconds or epoch + 1 >= self.num_epochs:
                 break
         self.on_train_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Skipped: with fold "all" it would predict every training patient inside the timed budget."""
 '''
 
 
