@@ -25,6 +25,13 @@ from steps import bare_step_rate  # noqa: E402
 BATCH, WARMUP, STEPS = 64, 8, 60
 
 
+def fit_epochs(config: FitConfig, out: Path) -> list[dict[str, str]]:
+    """`fit` for 5 epochs of ``config``: its metrics.csv rows after the first (which holds the warm-up)."""
+    run = fit(dataclasses.replace(config, epochs=5, patience=5, out=str(out)))
+    with open(run / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))[1:]
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
     device = torch.device("cuda")
@@ -46,10 +53,7 @@ def main() -> None:
         rate, memory = bare_step_rate(dataclasses.replace(base, **change), artifact, device, WARMUP, STEPS)
         print(f"  {name:<55} {rate:7.0f} images/s   peak GPU memory {memory:5.2f} GiB", flush=True)
     print("end-to-end `fit` (cache auto, 5 epochs; images/s of the training passes, share of other time):", flush=True)
-    run = fit(dataclasses.replace(base, epochs=5, patience=5, out="/tmp/gpu-runs"))
-    with open(run / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))[1:]
-    for row in rows:
+    for row in fit_epochs(base, Path("/tmp/gpu-runs")):
         print(f"  epoch {row['epoch']}: {float(row['train_images_per_s']):7.0f} images/s, other "
               f"{float(row['other_seconds']) / float(row['seconds']):.1%} of {float(row['seconds']):.2f} s", flush=True)
 

@@ -118,18 +118,35 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Machine:
+    """What the models train and predict on: the README's CPU rows by default, a GPU's user budget in
+    gpu_suite.py (whole slices, larger batches)."""
+
+    device: str = "cpu"
+    batch_size: int = 16
+    crop: int | None = 128
+    workers: int = 0
+    build_jobs: int = 2
+
+
+CPU = Machine()
+
+
+@dataclass(frozen=True)
 class Fold:
     root: Path
     index: int
     held_out: tuple[str, ...]
     training: tuple[str, ...]  # in a fixed random order: the first N are the row's N patients
+    source: Path = REAL  # the folder of patient folders
+    machine: Machine = CPU
 
     @classmethod
-    def of(cls, root: Path, patients: list[str], index: int) -> Fold:
+    def of(cls, root: Path, patients: list[str], index: int, source: Path = REAL, machine: Machine = CPU) -> Fold:
         held_out = tuple(patients[index::FOLDS])
         rest = [p for p in patients if p not in held_out]
         order = np.random.default_rng(index).permutation(len(rest))
-        return cls(root, index, held_out, tuple(rest[i] for i in order))
+        return cls(root, index, held_out, tuple(rest[i] for i in order), source, machine)
 
     def patients_of(self, row: Row) -> tuple[str, ...]:
         return self.training[: row.patients] if row.patients else self.training
@@ -150,8 +167,8 @@ def artifact(fold: Fold, plane: str, patients: tuple[str, ...]) -> Path:
     source.mkdir(parents=True, exist_ok=True)
     for patient in patients:
         if not (source / patient).exists():
-            os.symlink(REAL / patient, source / patient)
-    build(source, out, BuildOptions(jobs=2, val_fraction=0.1, test_fraction=0, progress=False,
+            os.symlink((fold.source / patient).resolve(), source / patient)
+    build(source, out, BuildOptions(jobs=fold.machine.build_jobs, val_fraction=0.1, test_fraction=0, progress=False,
                                     rule=SliceRule(per_case=None, background=4, plane=plane, context=CONTEXT)))
     return out
 
@@ -204,11 +221,12 @@ def timed_run(fold: Fold, row: Row, plane: str, run: Path) -> Path:
 
 
 def model_config(fold: Fold, row: Row, plane: str, **budget: object) -> FitConfig:
-    """Every model's settings (early fusion, region outputs, Unet/resnet18 from scratch, batch 16 of 128x128
-    patches, 2 CPU threads, no early stop), with the row's ``budget``: max_steps, or a time limit and schedule."""
+    """Every model's settings (early fusion, region outputs, Unet/resnet18 from scratch, no early stop; on the CPU
+    batch 16 of 128x128 patches), with the row's ``budget``: max_steps, or a time limit and schedule."""
+    machine = fold.machine
     return FitConfig(data=str(artifact(fold, plane, fold.patients_of(row))), modality="all", encoder="resnet18",
-                     encoder_weights=None, batch_size=16, crop=128, epochs=10_000, patience=10_000, workers=0,
-                     device="cpu", context=CONTEXT, task="regions",
+                     encoder_weights=None, batch_size=machine.batch_size, crop=machine.crop, epochs=10_000,
+                     patience=10_000, workers=machine.workers, device=machine.device, context=CONTEXT, task="regions",
                      decoder_channels=RECIPES[row.recipe].decoder_channels, quiet=True, **budget)  # type: ignore[arg-type]
 
 
@@ -235,9 +253,9 @@ def predict(fold: Fold, row: Row) -> None:
     missing = [p for p in wanted if not prediction_file(fold, row, p).is_file()]
     if not missing:
         return
-    device = torch.device("cpu")
+    device = torch.device(fold.machine.device)
     segmenter = Segmenter.of([Member.load(s, "best.pt", device) for s in snapshots], device, tta=False, clean=False)
-    cases = {c.case_id: c for c in find_cases(REAL)}
+    cases = {c.case_id: c for c in find_cases(fold.source)}
     for patient in missing:
         volumes = segmenter.read(cases[patient])
         result = segmenter.probabilities(volumes, progress=False)
@@ -254,13 +272,13 @@ def predict(fold: Fold, row: Row) -> None:
         print(f"fold {fold.index}: {row.key}: {patient} segmented in {result.seconds:.0f} s", flush=True)
 
 
-def truths(patients: list[str]) -> dict[str, tuple[np.ndarray, tuple[float, ...]]]:
+def truths(source: Path, patients: list[str]) -> dict[str, tuple[np.ndarray, tuple[float, ...]]]:
     """Each patient's label map (2023 values) and voxel size, as stored."""
     import nibabel as nib
 
     from builder.labels import to_brats2023
 
-    cases = {c.case_id: c for c in find_cases(REAL)}
+    cases = {c.case_id: c for c in find_cases(source)}
     out = {}
     for patient in patients:
         image = nib.load(cases[patient].files["seg"])
@@ -344,7 +362,7 @@ def main() -> None:
         for index in (int(x) for x in args.folds.split(",")):
             for row in rows:
                 predict(folds[index], row)
-    truth = truths(patients)
+    truth = truths(REAL, patients)
     results = [r for r in (score_row(folds, row, truth) for row in rows) if r is not None]
     print(f"\nBudget curve: {FOLDS}-fold cross-validation over {len(patients)} real BraTS 2018 patients, 2 CPU threads, "
           "lesion-wise Dice as BraTS 2023 defines it\n")

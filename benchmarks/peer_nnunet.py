@@ -215,7 +215,7 @@ def main() -> None:
 def score(fold: Fold, predicted: Path, minutes: float, timings: dict[str, float], work: Path) -> None:
     import nibabel as nib
 
-    truth = truths(list(fold.held_out))
+    truth = truths(REAL, list(fold.held_out))
     rows: dict[str, list[dict]] = {"raw": [], "largest component per region": []}
     for patient in fold.held_out:
         nnunet = np.asanyarray(nib.load(predicted / f"{patient}.nii.gz").dataobj)
