@@ -46,7 +46,7 @@ GPU = Machine(device="cuda", batch_size=64, crop=None, workers=8, build_jobs=16)
 ROWS = ("axial@1000", "axial@3000", "planes@1000")
 #: --smoke: the budget sections at toy size on this CPU, to check the script before a lease.
 SMOKE = Machine(batch_size=4, crop=64)
-SMOKE_ROWS = ("axial@4", "axial@8", "planes@4")
+SMOKE_ROWS = ("axial@4", "axial@8", "axial@12")  # one plane: the planes path is budget.py's, run on the CPU
 BUDGET_S = 8 * 60
 #: Seconds each section was estimated to need on an H200 (checked against the clock before it starts).
 ESTIMATES = {"axial@1000": 120, "axial@3000": 150, "fit against train_step": 90, "compare, 1251 rows": 90,

@@ -16,6 +16,7 @@ from builder.inspect import describe, verify
 from builder.labels import LABEL4_CHOICES
 from builder.layout import LAYOUTS
 from builder.progress import Progress
+from builder.remote import ArtifactFile
 from builder.synth import write_case
 from builder.writer import COMPRESSIONS, DEFAULT_COMPRESSION
 
@@ -138,9 +139,10 @@ def _existing_file(path: Path) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=ArtifactFile())
 def info(file: Path) -> None:
-    """Print a summary of an artifact: rows, splits, modalities, provenance, skipped cases."""
+    """Print a summary of an artifact (FILE, or its address: https://, s3://, hf://... with #sha256=<hex>, fetched
+    once into the cache): rows, splits, modalities, provenance, skipped cases."""
     _existing_file(file)
     try:
         summary = describe(file)
@@ -151,8 +153,29 @@ def info(file: Path) -> None:
     click.echo(summary)
 
 
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repository", default="ORG/NAME", show_default=True,
+              help="The dataset repository it will be pushed to (Hugging Face Hub ORG/NAME), for the card's commands.")
+def publish(file: Path, folder: Path, repository: str) -> None:
+    """Write what a dataset repository holds into FOLDER: FILE, FILE.sha256 (which `brats-train` checks a download
+    against), README.md (a dataset card the Hugging Face Hub reads: splits, provenance, SHA-256, citations) and
+    DATA_USE.md (the terms to check before sharing BraTS-derived data). Then push FOLDER with your own tools, e.g.
+    `huggingface-cli upload ORG/NAME FOLDER --repo-type dataset` or `aws s3 cp --recursive FOLDER s3://BUCKET/`."""
+    from builder.publish import PublishError
+    from builder.publish import publish as write_publication
+
+    _existing_file(file)
+    try:
+        written = write_publication(file, folder, repository)
+    except PublishError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{folder}: {', '.join(p.name for p in written)}. Read {written[-1]} before you push it anywhere.")
+
+
 @main.command(name="verify")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=ArtifactFile())
 def verify_command(file: Path) -> None:
     """Check shapes, labels, splits and every chunk's checksum; exit 1 naming each problem."""
     _existing_file(file)

@@ -141,7 +141,8 @@ def test_unknown_names_list_the_valid_ones(artifact: Path, tmp_path: Path) -> No
 
 def test_a_narrower_decoder_trains_saves_and_loads_with_its_widths(small_artifact: Path, artifact: Path,
                                                                      tmp_path: Path) -> None:
-    result = _fit(small_artifact, tmp_path, "-m", "t1n", "--decoder-channels", "64", "--name", "narrow")
+    result = _fit(small_artifact, tmp_path, "-m", "t1n", "--decoder-channels", "64", "--name", "narrow", "--epochs", "1",
+                  "--max-steps", "2")
     assert result.exit_code == 0, result.output
     run = next(tmp_path.glob("narrow-*"))
     model, config = load_model(run / "best.pt")

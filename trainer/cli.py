@@ -14,6 +14,7 @@ from click.core import ParameterSource
 from builder import __version__
 from builder.console import Commands, standard_output_failed
 from builder.format import MODALITIES, MODALITY_ALIASES, REGIONS
+from builder.remote import ArtifactFile, address_of, run_data
 from trainer.config import CACHES, LOSSES, MAX_FOLDS, NORMALISATIONS, SCHEDULES, FitConfig
 from trainer.errors import USER_ERRORS, CommandError
 from trainer.inference.options import VolumeOptions
@@ -166,7 +167,8 @@ def config_values(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_config(data: Path, modality: str, out: Path, **options: Any) -> FitConfig:
-    return FitConfig(**config_values({"data": data, "modality": modality, "out": out, **options}))
+    return FitConfig(**config_values({"data": data, "modality": modality, "out": out, **options}),
+                     data_url=address_of(data))
 
 
 #: Options a resumed run may take anew: how long it trains (extending it), and where it runs.
@@ -188,7 +190,9 @@ def resume_config(run_dir: Path, data: Path | None, options: dict[str, Any]) -> 
     from trainer.training.runs import resume_point
 
     saved, _ = resume_point(run_dir)
-    config = FitConfig.from_dict({**saved, "data": str(Path(data or saved["data"]).resolve())}, str(run_dir))
+    where = {"data": str(Path(data).resolve()), "data_url": address_of(data)} if data else \
+        {"data": str(Path(run_data(saved["data"], saved.get("data_url"))).resolve())}
+    config = FitConfig.from_dict({**saved, **where}, str(run_dir))
     given = config_values({name: options[name] for name in _given(list(options))})
     asked = dataclasses.replace(config, **given)
     for name in given:
@@ -209,12 +213,14 @@ def config_from_file(path: Path, data: Path | None, options: dict[str, Any]) -> 
     saved = read_config(path)
     keep = {k: v for k, v in saved.items() if k not in ("axis_codes", "voxel_size", "slice_shape", "plane",
                                                         "slice_axis", "data_sha256", "data_id")}  # bound anew
-    config = FitConfig.from_dict({**keep, "data": str(Path(data or saved["data"]).resolve())}, str(path))
+    where = {"data": str(Path(data).resolve()), "data_url": address_of(data)} if data else \
+        {"data": str(Path(run_data(saved["data"], saved.get("data_url"))).resolve())}
+    config = FitConfig.from_dict({**keep, **where}, str(path))
     return dataclasses.replace(config, **config_values({name: options[name] for name in _given(list(options))}))
 
 
 @main.command()
-@click.argument("data", type=click.Path(path_type=Path), required=False)
+@click.argument("data", type=ArtifactFile(), required=False)
 @click.option("--modality", "-m", type=click.Choice(MODALITY_CHOICES, case_sensitive=False), required=False,
               default=None, help="t1n, t1c, t2w, t2f (or t1, t1ce/t1gd, t2, flair), or all (early fusion).")
 @fit_options
@@ -233,7 +239,8 @@ def config_from_file(path: Path, data: Path | None, options: dict[str, Any]) -> 
 @one_line_errors
 def fit(data: Path | None, modality: str | None, resume: Path | None, config_file: Path | None,
         **options: Any) -> None:
-    """Train one model on DATA (an .h5 file from brats-build) and leave a run folder under --out."""
+    """Train one model on DATA (an .h5 file from brats-build, or its address: https://, s3://, hf://... with
+    #sha256=<hex>, fetched once into ~/.cache/brats2d or $BRATS2D_CACHE) and leave a run folder under --out."""
     from trainer.training.loop import fit as run_fit
 
     if resume is not None and config_file is not None:
@@ -293,8 +300,9 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
 @main.command(name="evaluate")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--data", default=None, type=click.Path(path_type=Path),
-              help="The run's .h5 file if it moved (checked by its build id: a rebuilt file is refused).")
+@click.option("--data", default=None, type=ArtifactFile(),
+              help="The run's .h5 file if it moved, or its address (checked by its build id: a rebuilt file is "
+                   "refused).")
 @click.option("--other-data", is_flag=True,
               help="Score --data even though it is not the file the run trained on (said in the outputs).")
 @click.option("--volumes", "volumes_dir", default=None, type=click.Path(path_type=Path),
@@ -344,7 +352,7 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
 
 
 @main.command()
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=ArtifactFile())
 @fit_options
 @click.option("--out", default=Path("runs/compare"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--reuse", is_flag=True, help="Keep runs already finished in --out instead of training them again.")
@@ -368,7 +376,7 @@ def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume
 
 
 @main.command(name="cross-validate")
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=ArtifactFile())
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2, MAX_FOLDS),
               help="Folds over the train and val patients (stable keyed ranks; the test patients never enter).")
 @click.option("--modality", "-m", type=click.Choice(MODALITY_CHOICES, case_sensitive=False), default="all",

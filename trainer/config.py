@@ -69,6 +69,7 @@ class FitConfig:
     voxel_size: list[float] | None = None
     slice_shape: list[int] | None = None
     data_sha256: str | None = None
+    data_url: str | None = None  # the address DATA was fetched from, pinned to its SHA-256 (builder.remote)
     data_id: str | None = None
 
     def __post_init__(self) -> None:

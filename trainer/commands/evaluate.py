@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from builder.remote import run_data
 from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, per_case, scorable
 from trainer.config import FitConfig
 from trainer.data.artifact import Artifact
@@ -31,7 +32,7 @@ from trainer.training.step import evaluation_pass
 def on_data(config: FitConfig, data: Path | None, other_data: bool) -> tuple[FitConfig, Artifact, str]:
     """A run's configuration on its artifact (``data`` if given: a moved file), the artifact as the run sees it,
     and how it relates to the run (``Artifact.check_identity``: another file is refused unless ``other_data``)."""
-    config = replace(config, data=str(data or config.data))
+    config = replace(config, data=str(data or run_data(config.data, config.data_url)))
     artifact = open_artifact(config)
     return config, artifact, artifact.check_identity(config.data_id, config.data_sha256, other_data)
 

@@ -1,0 +1,238 @@
+"""Artifacts by address: DATA given as ``https://``, ``s3://``, ``hf://`` or any fsspec URL is fetched once into a
+local cache, verified against the SHA-256 its publisher gave, and read from there as a local file.
+
+The SHA-256 comes from the address (``...file.h5#sha256=<64 hex digits>``) or, without one, from a sidecar the
+publisher put beside the file (``file.h5.sha256``, as ``sha256sum`` writes it). A cache entry is used only while it
+is the file that was verified (its size and modification time as recorded then; a changed entry is hashed again and,
+if it fails, fetched again); a download is written under a partial name and renamed only once its bytes check, so a
+cut connection or a wrong checksum leaves nothing in the cache. fsspec and the protocol packages are the optional
+extra ``brats2d[remote]``; nothing here imports them until an address is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder.format import file_sha256
+
+#: ``scheme://`` at the start: an address, never a local path (a local file named so is given as ./scheme:/...).
+SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+FRAGMENT = re.compile(r"#sha256=([0-9a-fA-F]{64})$")
+CACHE_VARIABLE = "BRATS2D_CACHE"
+EXTRA = "pip install 'brats2d[remote]'"
+
+
+class RemoteError(click.ClickException):
+    """An address that could not be fetched or verified: one line naming the URL and what to do."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A file's address and the SHA-256 it must have."""
+
+    url: str  # without the #sha256= fragment
+    sha256: str | None  # from the fragment; None: read the publisher's sidecar
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        found = FRAGMENT.search(text)
+        if found:
+            return cls(text[: found.start()], found.group(1).lower())
+        if "#" in text:
+            raise RemoteError(f"{text}: the part after # must be sha256=<64 hex digits> (the file's SHA-256)")
+        return cls(text, None)
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1] or "artifact.h5"
+
+    def pinned(self, sha256: str) -> str:
+        """The address with its SHA-256, as runs record it."""
+        return f"{self.url}#sha256={sha256}"
+
+
+def is_address(text: object) -> bool:
+    return isinstance(text, str) and SCHEME.match(text) is not None
+
+
+def cache_root() -> Path:
+    """Where fetched artifacts are kept: $BRATS2D_CACHE, else ~/.cache/brats2d."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "brats2d") / "artifacts"
+
+
+def local_copy(text: str, progress: bool = True) -> tuple[Path, str]:
+    """The verified local copy of the artifact at address ``text`` (fetched once), and the address pinned to its
+    SHA-256 (``url#sha256=...``), for runs to record."""
+    address = Address.parse(text)
+    filesystem, remote_path = _filesystem(address.url)
+    expected = address.sha256 or _sidecar_sha256(filesystem, remote_path, address)
+    entry = cache_root() / expected / address.name
+    if entry.is_file():
+        if _verified(entry, expected):
+            return entry, address.pinned(expected)
+        print(f"{entry}: this cache entry is not the file that was verified (its SHA-256 differs); fetching "
+              f"{address.url} again", file=sys.stderr)
+        _remove(entry)
+    _download(filesystem, remote_path, address, expected, entry, progress)
+    return entry, address.pinned(expected)
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    scheme = SCHEME.match(url).group(1)  # type: ignore[union-attr]
+    try:
+        import fsspec
+    except ImportError:
+        raise RemoteError(f"{url}: reading an artifact from an address needs fsspec: {EXTRA}") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:  # an unknown protocol, or its package missing (s3fs, aiohttp, ...)
+        raise RemoteError(f"{url}: the {scheme}:// protocol is not available here ({_reason(error)}); {EXTRA}, or "
+                          "download the file and give its local path") from None
+
+
+def _sidecar_sha256(filesystem: Any, remote_path: str, address: Address) -> str:
+    """The publisher's ``NAME.sha256`` beside the file (``sha256sum`` format: the digest first)."""
+    try:
+        with filesystem.open(remote_path + ".sha256", "rb") as handle:
+            text = handle.read(4096).decode("ascii", "replace")
+    except FileNotFoundError:
+        raise RemoteError(f"{address.url}: no SHA-256 to check it against: add #sha256=<hex> to the address (the "
+                          f"publisher's dataset card gives it), or publish {address.name}.sha256 beside the file"
+                          ) from None
+    except Exception as error:  # noqa: BLE001  (whatever the protocol raises: one line)
+        raise _unreachable(address.url + ".sha256", error) from None
+    digest = text.split()[0].lower() if text.split() else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise RemoteError(f"{address.url}.sha256: not a SHA-256 (it should start with 64 hex digits, as sha256sum "
+                          "writes it); give #sha256=<hex> in the address instead")
+    return digest
+
+
+def _download(filesystem: Any, remote_path: str, address: Address, expected: str, entry: Path,
+              progress: bool) -> None:
+    """Fetch into a partial file, check size and SHA-256, then rename into the cache: whole or nothing."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    partial = entry.with_name(f".{entry.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        filesystem.get_file(remote_path, str(partial), callback=_callback(address, progress))
+        got, size = partial.stat().st_size, _size(filesystem, remote_path)
+        if size is not None and got != size:
+            raise RemoteError(f"{address.url}: the download was cut short ({got} of {size} bytes); nothing was kept: "
+                              "try again")
+        digest = file_sha256(partial)
+        if digest != expected:
+            raise RemoteError(f"{address.url}: its SHA-256 is {digest[:16]}..., the address says {expected[:16]}...; "
+                              "the file changed or the address is wrong: nothing was kept (ask its publisher for the "
+                              "current SHA-256)")
+        os.replace(partial, entry)
+        _record_verified(entry)
+    except RemoteError:
+        raise
+    except FileNotFoundError:
+        raise RemoteError(f"{address.url}: not found there (404 or no such object); check the address") from None
+    except Exception as error:  # noqa: BLE001  (a dropped connection, a timeout, a refused one: one line)
+        raise _unreachable(address.url, error) from None
+    finally:
+        _remove(partial)
+        if entry.parent.is_dir() and not any(entry.parent.iterdir()):
+            entry.parent.rmdir()
+
+
+def _size(filesystem: Any, remote_path: str) -> int | None:
+    """The size the server gives, if it gives one (asked after the download: fsspec takes a refused connection
+    for a missing file when it asks first)."""
+    try:
+        size = filesystem.size(remote_path)
+    except Exception:  # noqa: BLE001  (some servers answer no HEAD)
+        return None
+    return int(size) if size is not None else None
+
+
+def _callback(address: Address, progress: bool) -> Any:
+    """A progress bar in a terminal (fsspec sets its total from the response)."""
+    from fsspec.callbacks import NoOpCallback, TqdmCallback
+
+    if not (progress and sys.stderr.isatty()):
+        return NoOpCallback()
+    return TqdmCallback(tqdm_kwargs={"desc": f"fetching {address.name}", "unit": "B", "unit_scale": True,
+                                     "leave": False})
+
+
+def _unreachable(url: str, error: Exception) -> RemoteError:
+    return RemoteError(f"{url}: could not be fetched ({_reason(error)}); check the network and the address, or "
+                       "download the file and give its local path")
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).splitlines()[0][:160] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _stamp_file(entry: Path) -> Path:
+    return entry.with_name(entry.name + ".verified")
+
+
+def _record_verified(entry: Path) -> None:
+    status = entry.stat()
+    _stamp_file(entry).write_text(json.dumps({"size": status.st_size, "mtime_ns": status.st_mtime_ns}))
+
+
+def _verified(entry: Path, expected: str) -> bool:
+    """True while ``entry`` is the file verified on download; a changed one is hashed again."""
+    status = entry.stat()
+    try:
+        stamp = json.loads(_stamp_file(entry).read_text())
+        if stamp == {"size": status.st_size, "mtime_ns": status.st_mtime_ns}:
+            return True
+    except (OSError, ValueError):
+        pass
+    if file_sha256(entry) != expected:
+        return False
+    _record_verified(entry)
+    return True
+
+
+def _remove(path: Path) -> None:
+    for leftover in (path, _stamp_file(path)):
+        try:
+            leftover.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class ArtifactFile(click.ParamType):
+    """A DATA argument: a local .h5 path, or an address fetched into the cache (the command gets the local path;
+    ``pinned`` maps it back to the address, for runs to record)."""
+
+    name = "FILE_OR_URL"
+    #: local copy -> the address it was fetched from, pinned to its SHA-256 (per process: the command's arguments).
+    pinned: dict[Path, str] = {}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        if isinstance(value, Path) or not is_address(value):
+            return Path(value)
+        local, pinned = local_copy(value)
+        ArtifactFile.pinned[local] = pinned
+        return local
+
+
+def address_of(path: Path | str) -> str | None:
+    """The address a local copy was fetched from in this process (pinned to its SHA-256), else None."""
+    return ArtifactFile.pinned.get(Path(path))
+
+
+def run_data(data: str, address: str | None) -> str:
+    """A run's artifact: the local file it recorded, else its recorded address fetched again (another machine, a
+    cleared cache), checked against the SHA-256 the run recorded with it."""
+    if address is None or Path(data).is_file():
+        return data
+    return str(local_copy(address)[0])

@@ -1,0 +1,231 @@
+"""Artifacts by address (builder.remote) against a local HTTP server the tests start: the same results as the local
+file, one download per file, a damaged cache entry fetched again, and every fault one line leaving nothing behind.
+
+Code paths: http:// goes through fsspec's HTTPFileSystem (aiohttp), as https:// does; memory:// through fsspec's
+generic filesystem interface, the path s3:// (s3fs) and hf:// (huggingface_hub) take; those two need the network
+and are not exercised here."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, builder_cli, one_error_line, trainer_cli
+
+
+@dataclass
+class Server:
+    url: str
+    files: dict[str, bytes]
+    truncated: set[str]
+    gets: Counter
+
+    def address(self, name: str, sha256: str | None = None) -> str:
+        return f"{self.url}/{name}" + (f"#sha256={sha256}" if sha256 else "")
+
+
+def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+        def _body(self) -> bytes | None:
+            body = server.files.get(self.path.lstrip("/"))
+            if body is None:
+                self.send_error(404)
+            return body
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            body = self._body()
+            if body is not None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = self._body()
+            if body is None:
+                return
+            server.gets[self.path.lstrip("/")] += 1
+            start, end = 0, len(body)
+            if "Range" in self.headers:
+                first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+                start, end = int(first), min(len(body), int(last) + 1 if last else len(body))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(end - start))
+            self.end_headers()
+            if self.path.lstrip("/") in server.truncated:  # half the body, then the connection drops
+                self.wfile.write(body[start : start + (end - start) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(body[start:end])
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def server(small_artifact: Path) -> Iterator[Server]:
+    data = small_artifact.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    state = Server("", {"small.h5": data, "small.h5.sha256": f"{sha256}  small.h5\n".encode(), "cut.h5": data,
+                        "nosidecar.h5": data, "bad.h5": data, "bad.h5.sha256": b"not a digest\n"}, {"cut.h5"},
+                   Counter())
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("BRATS2D_CACHE", str(folder))
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_info_fit_and_evaluate_from_an_address_equal_the_local_file(server: Server, small_artifact: Path,
+                                                                    cache: Path, tmp_path: Path) -> None:
+    address = server.address("small.h5", _sha256(small_artifact))
+    remote, local = builder_cli("info", address), builder_cli("info", small_artifact)
+    assert remote.exit_code == 0 and local.exit_code == 0, remote.output
+    assert remote.output.splitlines()[1:] == local.output.splitlines()[1:]  # all but the first line, the path
+    runs = {}
+    for name, data in (("remote", address), ("local", str(small_artifact))):
+        result = trainer_cli("fit", data, "-m", "t1n", *FAST, "--epochs", "1", "--max-steps", "2", "--out",
+                             tmp_path / name)
+        assert result.exit_code == 0, result.output
+        runs[name] = next((tmp_path / name).iterdir())
+    weights = {k: torch.load(r / "best.pt", weights_only=True)["model"] for k, r in runs.items()}
+    assert weights["remote"].keys() == weights["local"].keys()
+    assert all(torch.equal(weights["remote"][k], weights["local"][k]) for k in weights["local"])
+    columns = [c for c in csv.DictReader(open(runs["local"] / "metrics.csv")).fieldnames or [] if "loss" in c
+               or "dice" in c]
+    rows = {k: list(csv.DictReader(open(r / "metrics.csv"))) for k, r in runs.items()}
+    assert [[r[c] for c in columns] for r in rows["remote"]] == [[r[c] for c in columns] for r in rows["local"]]
+    config = json.loads((runs["remote"] / "config.json").read_text())
+    assert config["data_url"] == address and config["data_sha256"] == _sha256(small_artifact)
+    assert server.gets["small.h5"] == 1
+    shutil.rmtree(cache)  # another machine, or a cleared cache: the run fetches its file again from its address
+    result = trainer_cli("evaluate", runs["remote"], "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert server.gets["small.h5"] == 2 and len(_files(cache)) == 2  # the file and its verified stamp
+    result = trainer_cli("evaluate", runs["local"], "--device", "cpu", "--data", address)  # the same file by address
+    assert result.exit_code == 0, result.output
+    assert server.gets["small.h5"] == 2
+
+
+def test_the_cache_is_reused_and_a_damaged_entry_is_fetched_again(server: Server, small_artifact: Path,
+                                                                  cache: Path) -> None:
+    before = server.gets["small.h5"]
+    address = server.address("small.h5")  # no #sha256: the publisher's sidecar small.h5.sha256 gives it
+    for _ in range(2):
+        assert builder_cli("info", address).exit_code == 0
+    assert server.gets["small.h5"] == before + 1
+    entry = next(p for p in _files(cache) if p.suffix == ".h5")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    result = builder_cli("verify", address)
+    assert result.exit_code == 0, result.output
+    assert "fetching" in result.output and server.gets["small.h5"] == before + 2
+    assert _sha256(entry) == _sha256(small_artifact)
+
+
+def test_any_fsspec_address_is_read_through_its_filesystem(small_artifact: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory:// goes through fsspec's generic interface (the path of s3:// and hf://)."""
+    import fsspec
+
+    monkeypatch.setenv("BRATS2D_CACHE", str(tmp_path / "cache"))
+    fsspec.filesystem("memory").pipe("/bucket/small.h5", small_artifact.read_bytes())
+    result = builder_cli("info", f"memory://bucket/small.h5#sha256={_sha256(small_artifact)}")
+    assert result.exit_code == 0, result.output
+    assert f"sha256: {_sha256(small_artifact)}" in result.output
+
+
+@pytest.mark.parametrize(("name", "fragment", "said"), [
+    ("missing.h5", "ok", "not found there"),
+    ("cut.h5", "ok", "could not be fetched"),
+    ("small.h5", "wrong", "the address says"),
+    ("nosidecar.h5", None, "no SHA-256 to check it against"),
+    ("bad.h5", None, "not a SHA-256"),
+    ("small.h5", "md5", "must be sha256="),
+    ("unreachable", "ok", "could not be fetched"),
+])
+def test_each_fault_is_one_line_and_leaves_nothing(server: Server, small_artifact: Path, cache: Path, name: str,
+                                                   fragment: str | None, said: str) -> None:
+    sha256 = {"ok": _sha256(small_artifact), "wrong": "0" * 64, None: None, "md5": None}[fragment]
+    address = server.address(name, sha256)
+    if fragment == "md5":
+        address += "#md5=0123"
+    if name == "unreachable":
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        address = f"http://127.0.0.1:{port}/small.h5#sha256={sha256}"
+    for result in (builder_cli("info", address), trainer_cli("fit", address, "-m", "t1n", "--out", cache.parent)):
+        line = one_error_line(result)
+        assert result.exit_code == 1 and said in line and address.split("#")[0] in line, result.output
+    assert _files(cache) == []
+
+
+def test_a_published_folder_is_what_an_address_needs(server: Server, small_artifact: Path, cache: Path,
+                                                      tmp_path: Path) -> None:
+    """publish: the file, its sidecar, a card whose YAML header the Hub reads and whose split table equals the
+    file's, and the data-use terms; served as it is, its address needs no #sha256; a second publish is refused."""
+    import h5py
+    import yaml
+
+    folder = tmp_path / "published"
+    result = builder_cli("publish", small_artifact, folder, "--repository", "lab/brats-small")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in folder.iterdir()} == {"small.h5", "small.h5.sha256", "README.md", "DATA_USE.md"}
+    assert (folder / "small.h5").read_bytes() == small_artifact.read_bytes()
+    card = (folder / "README.md").read_text()
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["license"] == "other" and "brats" in header["tags"] and header["size_categories"] == ["n<1K"]
+    assert _sha256(small_artifact) in card and "hf://datasets/lab/brats-small@main/small.h5" in card
+    with h5py.File(small_artifact) as f:
+        ids = f["case_id"].asstr()[()]
+        for split in ("train", "val", "test"):
+            rows = f["split"][split][()]
+            patients = len({str(c).rsplit("-", 1)[0] for c in ids[rows]})  # BraTS-GLI-00000-000: patient 00000
+            assert f"| {split} | {rows.size} | {patients} |" in card
+    for path in folder.iterdir():
+        server.files[f"published/{path.name}"] = path.read_bytes()
+    result = builder_cli("info", server.address("published/small.h5"))
+    assert result.exit_code == 0 and f"sha256: {_sha256(small_artifact)}" in result.output, result.output
+    before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert "already there" in one_error_line(builder_cli("publish", small_artifact, folder))
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(small_artifact.read_bytes()[:4096])
+    assert "broken.h5" in one_error_line(builder_cli("publish", broken, tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
