@@ -170,3 +170,34 @@ def test_score_case_uses_the_brats_regions() -> None:
     scores = score_case(pred, truth, ONE_MM)
     assert scores["dice_WT"] == 1 and scores["dice_TC"] == 1
     assert scores["dice_ET"] == 0 and scores["lesion_fp_ET"] == 1 and scores["lesion_dice_ET"] == 0
+
+
+def test_uncertainty_is_the_normalised_entropy_of_each_task() -> None:
+    """Known answers: a sure voxel 0, a uniform guess 1; regions sum binary entropies over their three sigmoids."""
+    from trainer.tasks import uncertainty
+
+    softmax = np.array([[1.0, 0.25, 0.5], [0.0, 0.25, 0.5], [0.0, 0.25, 0.0], [0.0, 0.25, 0.0]])
+    np.testing.assert_allclose(uncertainty(softmax, "multiclass"), [0.0, 1.0, 0.5], atol=1e-5)  # log 2 / log 4
+    sigmoids = np.array([[1.0, 0.5, 0.9], [0.0, 0.5, 0.9], [1.0, 0.5, 0.5]])
+    binary_09 = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)) / np.log(2)
+    np.testing.assert_allclose(uncertainty(sigmoids, "regions"), [0.0, 1.0, (2 * binary_09 + 1) / 3], atol=1e-5)
+
+
+def test_the_dice_of_uncertain_voxels_holds_the_errors_placed_there() -> None:
+    """A hand-built case: the prediction misses 4 tumour voxels and adds 2, all of them where the map is most
+    unsure; the surest half of the tumour is then right (Dice 1) and the other half holds every error."""
+    from trainer.scoring.uncertainty import dice_by_uncertainty
+
+    truth = np.zeros((1, 4, 5), np.uint8)
+    truth[0, :, :3] = 2  # 12 voxels of oedema: WT
+    pred = truth.copy()
+    pred[0, 0, :3] = 0  # 3 missed
+    pred[0, 1, 0] = 0  # 1 more missed
+    pred[0, 3, 3:] = 2  # 2 false
+    map_ = np.full(truth.shape, 0.1, np.float32)  # 14 voxels in prediction or truth: 8 right, 6 wrong
+    map_[(pred > 0) != (truth > 0)] = 0.9
+    map_[0, 2, 0] = 0.8  # one right voxel among the unsure: the 7 above the median (0.45)
+    scores = dice_by_uncertainty(pred, truth, map_, ("WT", "ET"))
+    assert scores["dice_WT_certain"] == 1.0  # 7 right voxels
+    assert scores["dice_WT_uncertain"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 4))  # 1 right, 2 false, 4 missed
+    assert "dice_ET_certain" not in scores  # neither map holds ET

@@ -125,6 +125,28 @@ def test_predict_takes_folders_and_writes_names_that_never_collide(small_run: Pa
         main, ["predict", str(small_run), str(empty), "--out", str(out), "--device", "cpu"]))
 
 
+def test_uncertainty_maps_match_the_saved_probabilities(small_run: Path, small_cases: Path, tmp_path: Path) -> None:
+    """--save-uncertainty: the map is the normalised entropy of the probabilities --save-probabilities writes,
+    computed here by hand, in the input's space and header; an ensemble of a run with its own copy disagrees
+    nowhere; a scored case adds the Dice of its uncertain and its certain half."""
+    case = sorted(small_cases.iterdir())[0]
+    copy = shutil.copytree(small_run, tmp_path / "copy")
+    out = tmp_path / "out"
+    result = trainer_cli("predict", small_run, case, "--out", out, "--device", "cpu", "--save-uncertainty",
+                         "--save-probabilities", "--ensemble", copy)
+    assert result.exit_code == 0, result.output
+    entropy_map = nib.load(out / f"{case.name}_uncertainty.nii.gz")
+    image = nib.load(next(case.glob("*-t1n.nii.gz")))
+    assert entropy_map.get_data_dtype() == np.float32 and np.array_equal(entropy_map.affine, image.affine)
+    p = np.clip(np.load(out / f"{case.name}.npz")["probabilities"].astype(np.float64), 1e-7, 1)
+    expected = -(p * np.log(p)).sum(0) / np.log(4)  # the multiclass softmax's four classes
+    np.testing.assert_allclose(np.asanyarray(entropy_map.dataobj), expected, atol=2e-3)
+    assert float(np.asanyarray(nib.load(out / f"{case.name}_disagreement.nii.gz").dataobj).max()) < 1e-3
+    with open(out / "predict_scores.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert 0 <= float(row["dice_WT_uncertain"]) <= 1 and 0 <= float(row["dice_WT_certain"]) <= 1
+
+
 def test_predicted_enhancing_tumour_follows_the_input_naming(small_run: Path, tmp_path: Path) -> None:
     from builder.layout import find_cases
     from builder.synth import write_case

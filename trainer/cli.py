@@ -421,10 +421,15 @@ def cross_validate_command(data: Path, folds: int, modality: str, out: Path, reu
 @click.option("--save-probabilities", is_flag=True,
               help="Also write <case-id>.npz: float16 probabilities (outputs, X, Y, Z) in the input's voxel order, "
                    "their names and the affine.")
+@click.option("--save-uncertainty", is_flag=True,
+              help="Also write <case-id>_uncertainty.nii.gz: each voxel's entropy of the mean probabilities, 0 (certain) "
+                   "to 1 (a uniform guess), float32 in the input's space and header; for an ensemble also "
+                   "<case-id>_disagreement.nii.gz, the members' mutual information. Scored cases add the Dice of the "
+                   "voxels above and below the median uncertainty (dice_WT_uncertain, dice_WT_certain, ...).")
 @click.option("--overwrite", is_flag=True, help="Predict cases whose output already exists again (default: skip them).")
 @one_line_errors
 def predict(run_dir: Path, inputs: tuple[Path, ...], out: Path, ensemble: tuple[Path, ...], volume: VolumeOptions,
-            convention: str, save_probabilities: bool, overwrite: bool) -> None:
+            convention: str, save_probabilities: bool, save_uncertainty: bool, overwrite: bool) -> None:
     """Segment every brain slice of new cases with the model in RUN_DIR (or an ensemble it leads).
 
     INPUTS are BraTS case folders or folders holding them (every case found, as `brats-build build` finds them).
@@ -440,7 +445,7 @@ def predict(run_dir: Path, inputs: tuple[Path, ...], out: Path, ensemble: tuple[
 
     reports, skipped, segmenter = predict_cases(run_dir, list(inputs), out, volume, ensemble=ensemble,
                                                 labels=convention, save_probabilities=save_probabilities,
-                                                overwrite=overwrite)
+                                                overwrite=overwrite, save_uncertainty=save_uncertainty)
     click.echo(f"models: {segmenter.describe()}; {segmenter.rule_note}")
     for report in reports:
         scores = f"; {format_scores(report)}" if "score_seconds" in report else ""

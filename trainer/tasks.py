@@ -72,3 +72,15 @@ def region_confidence(probs: np.ndarray, task: str) -> np.ndarray:
     else:
         regions = np.stack([probs[list(REGIONS[name])].sum(0, dtype=np.float32) for name, _ in REGION_LABELS])
     return np.rint(np.clip(regions, 0, 1) * 255).astype(np.uint8)
+
+
+def uncertainty(probs: np.ndarray, task: str) -> np.ndarray:
+    """(outputs, ...) probabilities to each voxel's entropy, normalised to 0 (certain) .. 1 (a uniform guess) by the
+    entropy of a uniform guess: over the classes of a softmax; summed over the independent sigmoids of ``regions``.
+    float32."""
+    p = probs.astype(np.float32)
+    if task == "regions":
+        q = np.clip(p, 1e-7, 1 - 1e-7)
+        return (-(q * np.log(q) + (1 - q) * np.log1p(-q))).sum(0) / np.float32(len(p) * np.log(2))
+    q = np.clip(p, 1e-7, 1)
+    return np.clip(-(q * np.log(q)).sum(0) / np.float32(np.log(len(p))), 0, 1)

@@ -20,10 +20,12 @@ from builder import __version__
 from builder.format import SEG, file_sha256
 from builder.layout import Case, find_cases, safe_id
 from trainer.errors import CaseError, CommandError
-from trainer.inference.cases import CaseVolumes, nibabel, score, score_in_input_space, write_labels
+from trainer.inference.cases import CaseVolumes, nibabel, score, score_in_input_space, write_labels, write_map
 from trainer.inference.ensemble import Segmenter, runs_in
 from trainer.inference.options import VolumeOptions
 from trainer.outputs import atomic_output, write_csv
+from trainer.scoring.brats import region_names
+from trainer.scoring.uncertainty import dice_by_uncertainty
 from trainer.tasks import REGION_LABELS
 
 #: What ``<case-id>.npz`` holds.
@@ -70,7 +72,7 @@ def find_inputs(inputs: list[Path], unreadable: list[tuple[Path, str]]) -> list[
 
 def predict_cases(run_dir: Path, inputs: list[Path], out: Path, options: VolumeOptions = VolumeOptions(),
                   progress: bool = True, ensemble: tuple[Path, ...] = (), labels: str = "auto",
-                  save_probabilities: bool = False, overwrite: bool = False
+                  save_probabilities: bool = False, overwrite: bool = False, save_uncertainty: bool = False
                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]], Segmenter]:
     """Write ``<case-id>.nii.gz`` for each case found under ``inputs`` in ``out``, segmented as ``options`` say;
     returns a report per case (with the whole-volume scores when the case has a seg, also written to
@@ -103,7 +105,13 @@ def predict_cases(run_dir: Path, inputs: list[Path], out: Path, options: VolumeO
         except CaseError as error:
             skipped.append({"case_id": case.case_id, "reason": str(error), "kind": "error"})
             continue
-        done = segmenter.segment(volumes, progress)
+        done = segmenter.segment(volumes, progress, with_uncertainty=save_uncertainty)
+        if done.uncertainty is not None:
+            write_map(done.uncertainty, volumes, out / f"{case.case_id}_uncertainty.nii.gz",
+                      "brats2d normalised entropy, 0-1")
+        if done.disagreement is not None:
+            write_map(done.disagreement, volumes, out / f"{case.case_id}_disagreement.nii.gz",
+                      "brats2d members' mutual information, 0-1")
         if save_probabilities:
             _save_probabilities(out / f"{case.case_id}.npz", done.result.probabilities, volumes,
                                 segmenter.config.task)
@@ -114,6 +122,9 @@ def predict_cases(run_dir: Path, inputs: list[Path], out: Path, options: VolumeO
                                   "slices_per_second": round(done.result.slices_per_second, 1)}
         if volumes.truth is not None:
             report |= score(done.labels, volumes, segmenter.config.task)
+            if done.uncertainty is not None:
+                report |= dice_by_uncertainty(done.labels, volumes.truth, done.uncertainty,
+                                              region_names(segmenter.config.task))
         reports.append(report)
     scored = [r for r in reports if "score_seconds" in r]
     if scored:

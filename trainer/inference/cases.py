@@ -160,14 +160,24 @@ def write_labels(labels: np.ndarray, case: CaseVolumes, path: Path, et_label: in
     """``labels`` (training orientation) as a uint8 NIfTI in the case's own space, enhancing tumour written as
     ``et_label`` (4 in the 2018-2021 convention), ``description`` in the header's descrip field (at most 80 ASCII
     characters); atomic, nothing partial left."""
-    nib = nibabel()
-    header = case.reference.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_slope_inter(1, 0)
-    header["descrip"] = description.encode("ascii")
     written = case.in_input_space(labels)
     if et_label != 3:
         written = np.where(written == 3, np.uint8(et_label), written)
+    _write_volume(written.astype(np.uint8), case, path, description)
+
+
+def write_map(values: np.ndarray, case: CaseVolumes, path: Path, description: str = "") -> None:
+    """A voxel map (training orientation; an uncertainty map) as a float32 NIfTI in the case's own space."""
+    _write_volume(case.in_input_space(values).astype(np.float32), case, path, description)
+
+
+def _write_volume(written: np.ndarray, case: CaseVolumes, path: Path, description: str) -> None:
+    """``written`` (input space) with the case's affine and header, its own dtype, unscaled; atomic."""
+    nib = nibabel()
+    header = case.reference.header.copy()
+    header.set_data_dtype(written.dtype)
+    header.set_slope_inter(1, 0)
+    header["descrip"] = description.encode("ascii")
     with atomic_output(path, suffix=".nii.gz") as partial:  # the suffix tells nibabel to compress
         nib.save(nib.Nifti1Image(written, case.reference.affine, header), partial)
 

@@ -21,7 +21,7 @@ from trainer.inference.cases import CaseVolumes, Geometry, labels_of, read_case
 from trainer.inference.options import VolumeOptions
 from trainer.inference.slices import VolumeProbabilities, network_probabilities
 from trainer.scoring.cleanup import CleanUp, clean_up, rule_for
-from trainer.tasks import region_confidence
+from trainer.tasks import region_confidence, uncertainty
 from trainer.training.model import load_model
 
 
@@ -47,6 +47,9 @@ class CaseSegmentation:
     labels: np.ndarray
     result: VolumeProbabilities
     confidence: np.ndarray  # (regions, X, Y, Z) uint8 region probabilities (0-255): what clean-up rules weigh
+    uncertainty: np.ndarray | None = None  # (X, Y, Z) float32 normalised entropy of the mean (trainer.tasks), if asked
+    disagreement: np.ndarray | None = None  # an ensemble's: that entropy less the members' mean entropy (mutual
+    # information, 0 where the members agree), if asked
 
 
 def runs_in(paths: Sequence[Path], checkpoint: str = "best.pt") -> list[Path]:
@@ -126,24 +129,35 @@ class Segmenter:
             Geometry.of(member.config).check(volumes.case_id, volumes.images.shape[1:])
         return volumes
 
-    def probabilities(self, volumes: CaseVolumes, progress: bool = True) -> VolumeProbabilities:
+    def probabilities(self, volumes: CaseVolumes, progress: bool = True, members_uncertainty: bool = False
+                      ) -> VolumeProbabilities:
         """The members' probabilities averaged (float32 sum, float16 result), each member fed its own channels of
-        ``volumes``; brain slices counted per pass."""
+        ``volumes``; brain slices counted per pass; with ``members_uncertainty`` (an ensemble), also the members' mean
+        uncertainty, which the ensemble's disagreement is measured against."""
         started = time.perf_counter()
-        total, slices = None, 0
+        total, slices, spread = None, 0, None
         for member in self.members:
             result = network_probabilities(member.model, member.config, volumes.of(member.config.channels),
                                            self.device, progress=progress, tta=self.tta, box=self.brain_box)
             total = result.probabilities.astype(np.float32) if total is None else total + result.probabilities
             slices += result.brain_slices
+            if members_uncertainty and len(self.members) > 1:
+                own = uncertainty(result.probabilities, self.config.task)
+                spread = own if spread is None else spread + own
         assert total is not None
         mean = (total / len(self.members)).astype(np.float16)
-        return VolumeProbabilities(mean, slices, time.perf_counter() - started)
+        return VolumeProbabilities(mean, slices, time.perf_counter() - started,
+                                   None if spread is None else spread / len(self.members))
 
-    def segment(self, volumes: CaseVolumes, progress: bool = True) -> CaseSegmentation:
-        """A whole case's labels (training orientation): raw, and cleaned up by the rule."""
-        result = self.probabilities(volumes, progress)
+    def segment(self, volumes: CaseVolumes, progress: bool = True, with_uncertainty: bool = False
+                ) -> CaseSegmentation:
+        """A whole case's labels (training orientation): raw, and cleaned up by the rule; with ``with_uncertainty``,
+        its uncertainty map (and an ensemble's disagreement)."""
+        result = self.probabilities(volumes, progress, members_uncertainty=with_uncertainty)
         raw = labels_of(result.probabilities, self.config.task)
         confidence = region_confidence(result.probabilities, self.config.task)
+        entropy = uncertainty(result.probabilities, self.config.task) if with_uncertainty else None
+        disagreement = None if entropy is None or result.member_uncertainty is None else \
+            np.clip(entropy - result.member_uncertainty, 0, 1)
         return CaseSegmentation(raw, raw if self.rule is None else clean_up(raw, self.rule, confidence), result,
-                                confidence)
+                                confidence, entropy, disagreement)

@@ -28,6 +28,7 @@ class VolumeProbabilities:
     probabilities: np.ndarray  # (outputs, X, Y, Z) float16
     brain_slices: int
     seconds: float
+    member_uncertainty: np.ndarray | None = None  # an ensemble's members' mean ``uncertainty``, when asked for
 
     @property
     def slices_per_second(self) -> float:
