@@ -318,9 +318,14 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
                    "largest, or confidence: the region's maximum or mean probability over them), keep each region's "
                    "best by mean lesion-wise Dice and store the result in the run (clean_up.json), where later "
                    "evaluate and predict find it. Refused on the test split.")
+@click.option("--report", "with_report", is_flag=True,
+              help="With --volumes: also write <split>_volumes.html, one self-contained page to open offline: the "
+                   "run and data, a sortable table of every patient, the worst patients first with axial, coronal "
+                   "and sagittal views through the tumour (truth, prediction, errors, uncertainty), the definitions.")
 @one_line_errors
 def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: bool, volumes_dir: Path | None,
-                     limit: int | None, ensemble: tuple[Path, ...], volume: VolumeOptions, choose: bool) -> None:
+                     limit: int | None, ensemble: tuple[Path, ...], volume: VolumeOptions, choose: bool,
+                     with_report: bool) -> None:
     """Evaluate a run's checkpoint on a split (a fold run's val split is its held-out fold).
 
     Per slice on the artifact's rows: <split>_metrics.json and <split>_cases.csv. With --volumes, per patient on
@@ -329,8 +334,9 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
     """
     from trainer.commands.evaluate import evaluate_run, evaluate_volumes
 
-    if volumes_dir is None and (ensemble or volume.tta or choose):
-        raise click.UsageError("--ensemble, --tta and --choose-clean-up segment whole volumes: give --volumes DIR")
+    if volumes_dir is None and (ensemble or volume.tta or choose or with_report):
+        raise click.UsageError("--ensemble, --tta, --choose-clean-up and --report segment whole volumes: give "
+                               "--volumes DIR")
     if volumes_dir is None:
         result = evaluate_run(run_dir, split, data, volume, other_data=other_data)
         shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
@@ -339,7 +345,7 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
         click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")
         return
     report = evaluate_volumes(run_dir, volumes_dir, split, data, volume, limit=limit, other_data=other_data,
-                              ensemble=ensemble, choose=choose)
+                              ensemble=ensemble, choose=choose, with_report=with_report)
     for line in report["skipped"]:
         click.echo(f"skipped {line['case_id']}: {line['reason']}")
     subset = f", {report['subset']}" if report["subset"] else ""

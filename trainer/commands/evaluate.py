@@ -3,6 +3,7 @@ the split segmented over its whole volume and scored as the BraTS 2023 challenge
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from builder import __version__
 from builder.remote import run_data
+from trainer.commands.report import CaseViews, volumes_ml, write_report
 from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, per_case, scorable
 from trainer.config import FitConfig
 from trainer.data.artifact import Artifact
@@ -90,12 +93,15 @@ def volume_outputs(split: str, members: int, tta: bool) -> str:
 
 def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data: Path | None = None,
                      options: VolumeOptions = VolumeOptions(), limit: int | None = None, other_data: bool = False,
-                     ensemble: Sequence[Path] = (), choose: bool = False) -> dict[str, Any]:
+                     ensemble: Sequence[Path] = (), choose: bool = False, with_report: bool = False) -> dict[str, Any]:
     """Segment every case of ``split`` over its whole volume (with the runs of ``ensemble`` averaged in, as
     ``options`` say: mirrored, cleaned up) and score it; writes ``<stem>.csv`` (a row per case) and ``<stem>.json`` (means over patients with
     95% bootstrap intervals) in the lead run (``run_dir``, or the first run in it). With ``choose``, the clean-up is
     chosen on these cases first (``trainer.scoring.cleanup.REGION_FAMILY``), stored in the lead run, and the scores are of the
-    chosen rule."""
+    chosen rule. With ``with_report``, also ``<stem>.html`` (trainer.commands.report), its cost in the JSON."""
+    if choose and with_report:
+        raise CommandError("--report shows the masks of one clean-up: choose it first (--choose-clean-up on the val "
+                           "split), then evaluate with --report")
     if choose and split == "test":
         raise CommandError("--choose-clean-up on the test split would tune on the patients being reported; choose on "
                        "--split val (or on out-of-fold predictions with `brats-train cross-validate`)")
@@ -111,8 +117,10 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
     results = VolumeResults(skipped=skipped)
     trial = CleanUpTrial(region_names(config.task)) if choose else None
     kept: list[tuple[np.ndarray, np.ndarray, CaseVolumes, dict[str, Any]]] = []  # raw labels, confidence, ...
+    views: dict[str, CaseViews] = {}
+    started, reporting = time.perf_counter(), 0.0
     for volumes in scorable(cases, segmenter.read, results.skipped, f"{split} volumes"):
-        done = segmenter.segment(volumes, progress=False)
+        done = segmenter.segment(volumes, progress=False, with_uncertainty=with_report)
         about = {"case_id": volumes.case_id, "brain_slices": done.result.brain_slices,
                  "predict_seconds": round(done.result.seconds, 3),
                  "slices_per_second": round(done.result.slices_per_second, 1)}
@@ -123,6 +131,13 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
             kept.append((done.raw, done.confidence, replace(volumes, images=volumes.images[:0]), about))
         else:
             results.rows.append({**about, **score(done.labels, volumes, config.task)})
+        if with_report:
+            begun = time.perf_counter()
+            assert volumes.truth is not None
+            image = volumes.images[volumes.channels.index("t2f") if "t2f" in volumes.channels else 0]
+            views[volumes.case_id] = CaseViews.of(volumes.case_id, image, volumes.truth, done.labels, done.uncertainty)
+            results.rows[-1] |= volumes_ml(volumes.truth, done.labels, volumes.spacing)
+            reporting += time.perf_counter() - begun
     if trial is not None and kept:
         rule = save_choice(lead, trial, f"the {split} split: {len(kept)} patients",
                            members=[str(m.run_dir) for m in segmenter.members], tta=options.tta)
@@ -141,6 +156,19 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
         "definition": VOLUME_DEFINITION, "metrics": results.summary(), "skipped": results.skipped,
     }
     stem = volume_outputs(split, len(segmenter.members), options.tta)
+    outputs = [lead / f"{stem}.csv", lead / f"{stem}.json"]
+    if with_report:
+        begun = time.perf_counter()
+        settings = {"run": lead, "models": report["models"], "checkpoint": options.checkpoint, "split": split,
+                    "data": report["data"], "data SHA-256": config.data_sha256, "data identity": data_check,
+                    "build id": config.data_id, "volumes": volumes_dir, "mirroring": options.tta,
+                    "clean-up": segmenter.rule_note, "brats2d": __version__}
+        write_report(lead / f"{stem}.html", f"{lead.name}: {len(results.rows)} whole {split} volumes", settings,
+                     results.rows, views, VOLUME_DEFINITION)
+        reporting += time.perf_counter() - begun
+        report["report_seconds"] = round(reporting, 2)
+        report["evaluation_seconds"] = round(time.perf_counter() - started - reporting, 2)
+        outputs.append(lead / f"{stem}.html")
     write_csv(lead / f"{stem}.csv", results.rows)
     write_json(lead / f"{stem}.json", report)
-    return {**report, "outputs": [str(lead / f"{stem}.csv"), str(lead / f"{stem}.json")]}
+    return {**report, "outputs": [str(p) for p in outputs]}

@@ -1,0 +1,112 @@
+"""`evaluate --volumes --report`: one self-contained HTML page, checked as text (every patient, every picture a
+PNG, nothing fetched from outside) and in a real browser (headless Chromium from Debian: the DOM after its script
+ran, the console, a screenshot)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from conftest import one_error_line, trainer_cli, writable_copy
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Page(HTMLParser):
+    """The rows of the patient table, the pictures and every address the page names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.images: list[str] = []
+        self.addresses: list[str] = []
+        self._cell: list[str] | None = None
+        self._in_body = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.rows.append([])
+        elif tag == "td" and self._in_body:
+            self._cell = []
+        elif tag == "img":
+            self.images.append(found.get("src") or "")
+        self.addresses += [v for k, v in attrs if k in ("src", "href") and v]
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.rows[-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "tbody":
+            self._in_body = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+@pytest.fixture(scope="module")
+def report(small_run: Path, small_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = writable_copy(small_run, tmp_path_factory.mktemp("report"))
+    result = trainer_cli("evaluate", run, "--volumes", small_cases, "--split", "test", "--device", "cpu", "--report")
+    assert result.exit_code == 0, result.output
+    return run / "test_volumes.html"
+
+
+def test_the_report_holds_every_patient_and_needs_nothing_outside(report: Path) -> None:
+    page = Page()
+    page.feed(report.read_text())
+    with open(report.with_suffix(".csv")) as handle:
+        scored = {row["case_id"]: row for row in csv.DictReader(handle)}
+    assert sorted(row[0] for row in page.rows) == sorted(scored)
+    assert len(page.images) == len(scored)
+    for source in page.images:  # every picture decodes as a PNG
+        assert source.startswith("data:image/png;base64,")
+        picture = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+        assert picture.format == "PNG" and picture.width > 200
+    assert all(a.startswith("data:") for a in page.addresses)  # no server, no network
+    means = [sum(float(scored[row[0]][f"lesion_dice_{r}"]) for r in ("WT", "TC", "ET")) for row in page.rows]
+    assert means == sorted(means)  # worst first
+    for row in page.rows:  # the table shows the CSV's numbers
+        assert row[1] == f"{float(scored[row[0]]['lesion_dice_WT']):.3f}"
+    summary = json.loads(report.with_suffix(".json").read_text())
+    assert summary["report_seconds"] > 0 and summary["evaluation_seconds"] > 0
+    assert "max-width: 1100px" in report.read_text()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: `apt-get install chromium` (make setup and .ci/run do)")
+def test_the_report_in_a_real_browser(report: Path, tmp_path: Path) -> None:
+    """Headless Chromium: after its script ran every picture is decoded, the console holds no error, and a
+    screenshot at a laptop's 1366 px is taken (the README's)."""
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", report.as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    shown = re.search(r'id="pictures">(\d+) of (\d+) pictures shown<', dom.stdout)
+    assert shown and shown.group(1) == shown.group(2) != "0", dom.stdout[-500:]
+    assert not re.search(r"CONSOLE.*(Uncaught|Error)", dom.stderr), dom.stderr[-2000:]
+    screenshot = tmp_path / "report.png"
+    shot = subprocess.run([*flags, f"--screenshot={screenshot}", "--window-size=1366,900", "--hide-scrollbars",
+                           report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0 and Image.open(screenshot).size == (1366, 900), shot.stderr[-2000:]
+
+
+def test_a_report_without_volumes_or_with_a_choice_is_one_line(small_run: Path, small_cases: Path,
+                                                               tmp_path: Path) -> None:
+    run = writable_copy(small_run, tmp_path)
+    assert "give --volumes" in trainer_cli("evaluate", run, "--report").output
+    line = one_error_line(trainer_cli("evaluate", run, "--volumes", small_cases, "--split", "val", "--report",
+                                      "--choose-clean-up", "--device", "cpu"))
+    assert "choose it first" in line and not list(run.glob("*.html"))
