@@ -15,8 +15,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import one_error_line, trainer_cli, writable_copy
 from PIL import Image
+
+from conftest import one_error_line, trainer_cli, writable_copy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -110,3 +111,44 @@ def test_a_report_without_volumes_or_with_a_choice_is_one_line(small_run: Path, 
     line = one_error_line(trainer_cli("evaluate", run, "--volumes", small_cases, "--split", "val", "--report",
                                       "--choose-clean-up", "--device", "cpu"))
     assert "choose it first" in line and not list(run.glob("*.html"))
+
+
+def test_a_stored_calibration_is_used_later_and_an_unfit_one_is_one_line(small_run: Path, small_cases: Path,
+                                                                         tmp_path: Path) -> None:
+    """predict applies the temperature stored for its members (its probabilities equal the calibration applied to
+    the uncalibrated ones) and says so, with the same mask; --calibrate on a run that learned nothing (2 steps) does
+    not converge: one line, nothing stored; on the test split it is refused."""
+    import nibabel as nib
+    import numpy as np
+
+    from trainer.scoring.calibration import Calibration, save_calibration
+
+    run = writable_copy(small_run, tmp_path)
+    case = sorted(small_cases.iterdir())[0]
+    raw = trainer_cli("predict", run, case, "--out", tmp_path / "raw", "--device", "cpu", "--save-probabilities")
+    assert raw.exit_code == 0 and "calibrated" not in raw.output, raw.output
+    calibration = Calibration("multiclass", (2.0,), "a test", 0.1, 0.05)
+    save_calibration(run, calibration, {"before": [], "after": []}, members=[str(run)], tta=False)
+    warm = trainer_cli("predict", run, case, "--out", tmp_path / "warm", "--device", "cpu", "--save-probabilities")
+    assert warm.exit_code == 0 and "probabilities calibrated: temperature 2.00" in warm.output, warm.output
+    before, after = (np.load(tmp_path / name / f"{case.name}.npz")["probabilities"] for name in ("raw", "warm"))
+    np.testing.assert_allclose(after.astype(np.float32), calibration.apply(before), atol=2e-3)
+    masks = [np.asanyarray(nib.load(tmp_path / name / f"{case.name}.nii.gz").dataobj) for name in ("raw", "warm")]
+    assert np.array_equal(*masks)
+    mirrored = trainer_cli("predict", run, case, "--out", tmp_path / "tta", "--device", "cpu", "--tta")
+    assert "calibrated" not in mirrored.output  # fitted without mirroring: not for these probabilities
+    untrained = writable_copy(small_run, tmp_path / "untrained")
+    line = one_error_line(trainer_cli("evaluate", untrained, "--volumes", small_cases, "--split", "val", "--device",
+                                      "cpu", "--calibrate"))
+    assert "did not converge" in line and not (untrained / "calibration.json").exists()
+    line = one_error_line(trainer_cli("evaluate", untrained, "--volumes", small_cases, "--device", "cpu",
+                                      "--calibrate"))
+    assert "--split val" in line
+
+
+def test_the_reliability_diagram_is_a_picture() -> None:
+    from trainer.commands.report import reliability_png
+
+    curve = [{"bin": b, "confidence": (b + 0.5) / 15, "accuracy": (b + 0.3) / 15, "voxels": 10} for b in range(15)]
+    picture = Image.open(io.BytesIO(reliability_png({"before": curve, "after": curve})))
+    assert picture.format == "PNG" and picture.width > 200

@@ -201,3 +201,29 @@ def test_the_dice_of_uncertain_voxels_holds_the_errors_placed_there() -> None:
     assert scores["dice_WT_certain"] == 1.0  # 7 right voxels
     assert scores["dice_WT_uncertain"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 4))  # 1 right, 2 false, 4 missed
     assert "dice_ET_certain" not in scores  # neither map holds ET
+
+
+def test_temperature_scaling_finds_the_temperature_that_made_the_targets() -> None:
+    """Targets drawn from sigmoid(z / 2.5) while the model says sigmoid(z): the fitted temperature is 2.5 and the
+    ECE falls; a softmax alike; neither moves a label; a fit that runs to its bound is a ValueError."""
+    from trainer.scoring.calibration import Calibration, calibrate, fit_temperature, logits_of
+    from trainer.tasks import REGION_THRESHOLD
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 4, size=(3, 200_000)).astype(np.float32)
+    targets = rng.random(z.shape) < 1 / (1 + np.exp(-z / 2.5))
+    said = (1 / (1 + np.exp(-z))).astype(np.float16)
+    calibration, curves = calibrate(said, targets, "regions", "a test")
+    assert calibration.temperatures == pytest.approx((2.5, 2.5, 2.5), rel=0.05)
+    assert calibration.ece_after < calibration.ece_before / 3 and curves["before"] and curves["after"]
+    assert np.array_equal(calibration.apply(said) > REGION_THRESHOLD, said > REGION_THRESHOLD)
+    logits = rng.normal(0, 3, size=(4, 100_000)).astype(np.float32)
+    truth = np.array([rng.choice(4, p=np.exp(c / 2) / np.exp(c / 2).sum()) for c in logits[:, :20_000].T])
+    probs = np.exp(logits[:, :20_000]) / np.exp(logits[:, :20_000]).sum(0)
+    assert fit_temperature(logits_of(probs, "multiclass"), truth, "multiclass") == pytest.approx(2.0, rel=0.1)
+    held = probs.astype(np.float16)  # as the segmenter holds them
+    softened = Calibration("multiclass", (2.0,), "a test", 0, 0).apply(held)
+    assert np.array_equal(softened.argmax(0), held.argmax(0))
+    with pytest.raises(ValueError, match="did not converge"):  # perfectly separated: the temperature runs to 0
+        fit_temperature(logits_of(np.array([0.6, 0.4] * 50, np.float32), "regions"), np.array([True, False] * 50),
+                        "regions")

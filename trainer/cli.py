@@ -318,6 +318,11 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
                    "largest, or confidence: the region's maximum or mean probability over them), keep each region's "
                    "best by mean lesion-wise Dice and store the result in the run (clean_up.json), where later "
                    "evaluate and predict find it. Refused on the test split.")
+@click.option("--calibrate", is_flag=True,
+              help="With --volumes on the val split: fit one temperature per output (each region's sigmoid, or the "
+                   "softmax) on these patients' voxels inside the brain and store it in the run (calibration.json, "
+                   "with the expected calibration error before and after, and calibration.png), where later "
+                   "evaluate, predict and ensembles of the same members use it. Labels never move. Refused on test.")
 @click.option("--report", "with_report", is_flag=True,
               help="With --volumes: also write <split>_volumes.html, one self-contained page to open offline: the "
                    "run and data, a sortable table of every patient, the worst patients first with axial, coronal "
@@ -325,7 +330,7 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
 @one_line_errors
 def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: bool, volumes_dir: Path | None,
                      limit: int | None, ensemble: tuple[Path, ...], volume: VolumeOptions, choose: bool,
-                     with_report: bool) -> None:
+                     calibrate: bool, with_report: bool) -> None:
     """Evaluate a run's checkpoint on a split (a fold run's val split is its held-out fold).
 
     Per slice on the artifact's rows: <split>_metrics.json and <split>_cases.csv. With --volumes, per patient on
@@ -334,9 +339,9 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
     """
     from trainer.commands.evaluate import evaluate_run, evaluate_volumes
 
-    if volumes_dir is None and (ensemble or volume.tta or choose or with_report):
-        raise click.UsageError("--ensemble, --tta, --choose-clean-up and --report segment whole volumes: give "
-                               "--volumes DIR")
+    if volumes_dir is None and (ensemble or volume.tta or choose or with_report or calibrate):
+        raise click.UsageError("--ensemble, --tta, --choose-clean-up, --calibrate and --report segment whole volumes: "
+                               "give --volumes DIR")
     if volumes_dir is None:
         result = evaluate_run(run_dir, split, data, volume, other_data=other_data)
         shown = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
@@ -345,14 +350,17 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
         click.echo(f"wrote {run_dir / f'{split}_metrics.json'} and {run_dir / f'{split}_cases.csv'}")
         return
     report = evaluate_volumes(run_dir, volumes_dir, split, data, volume, limit=limit, other_data=other_data,
-                              ensemble=ensemble, choose=choose, with_report=with_report)
+                              ensemble=ensemble, choose=choose, with_report=with_report, calibrate=calibrate)
     for line in report["skipped"]:
         click.echo(f"skipped {line['case_id']}: {line['reason']}")
     subset = f", {report['subset']}" if report["subset"] else ""
     click.echo(f"models: {report['models']}; {report['clean_up_note']}")
     click.echo(f"{run_dir} on {report['cases_scored']} whole {split} volumes{subset} (data: {report['data_check']}): "
                f"{format_scores(report['metrics'])}")
-    click.echo(f"wrote {' and '.join(report['outputs'])}")
+    if calibrate:
+        click.echo(f"calibration: {report['calibration']}; stored in the run for later evaluate, predict and "
+                   "ensembles of these members (labels never move)")
+    click.echo(f"wrote {', '.join(report['outputs'])}")
     if report["skipped"]:
         raise SystemExit(1)
 

@@ -14,7 +14,7 @@ import torch
 
 from builder import __version__
 from builder.remote import run_data
-from trainer.commands.report import CaseViews, volumes_ml, write_report
+from trainer.commands.report import CaseViews, reliability_png, volumes_ml, write_report
 from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, per_case, scorable
 from trainer.config import FitConfig
 from trainer.data.artifact import Artifact
@@ -25,8 +25,9 @@ from trainer.errors import ArtifactError, CommandError
 from trainer.inference.cases import CaseVolumes, score
 from trainer.inference.ensemble import Member, Segmenter, runs_in
 from trainer.inference.options import VolumeOptions
-from trainer.outputs import write_csv, write_json
+from trainer.outputs import atomic_output, write_csv, write_json
 from trainer.scoring.brats import region_names
+from trainer.scoring.calibration import CALIBRATION_FILE, VoxelSample, save_calibration
 from trainer.scoring.cleanup import CleanUpTrial, clean_up, save_choice
 from trainer.training.metrics import SegmentationMetrics
 from trainer.training.step import evaluation_pass
@@ -93,12 +94,19 @@ def volume_outputs(split: str, members: int, tta: bool) -> str:
 
 def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data: Path | None = None,
                      options: VolumeOptions = VolumeOptions(), limit: int | None = None, other_data: bool = False,
-                     ensemble: Sequence[Path] = (), choose: bool = False, with_report: bool = False) -> dict[str, Any]:
+                     ensemble: Sequence[Path] = (), choose: bool = False, with_report: bool = False,
+                     calibrate: bool = False) -> dict[str, Any]:
     """Segment every case of ``split`` over its whole volume (with the runs of ``ensemble`` averaged in, as
     ``options`` say: mirrored, cleaned up) and score it; writes ``<stem>.csv`` (a row per case) and ``<stem>.json`` (means over patients with
     95% bootstrap intervals) in the lead run (``run_dir``, or the first run in it). With ``choose``, the clean-up is
     chosen on these cases first (``trainer.scoring.cleanup.REGION_FAMILY``), stored in the lead run, and the scores are of the
-    chosen rule. With ``with_report``, also ``<stem>.html`` (trainer.commands.report), its cost in the JSON."""
+    chosen rule. With ``with_report``, also ``<stem>.html`` (trainer.commands.report), its cost in the JSON. With
+    ``calibrate`` (val only), the temperatures are fitted on these cases' voxels inside the brain and stored in the
+    lead run (calibration.json, calibration.png), where later evaluate, predict and ensembles of these members find
+    them."""
+    if calibrate and split != "val":
+        raise CommandError(f"--calibrate fits on the patients it is given: on the {split} split it would tune on the "
+                           "patients being reported; use --split val")
     if choose and with_report:
         raise CommandError("--report shows the masks of one clean-up: choose it first (--choose-clean-up on the val "
                            "split), then evaluate with --report")
@@ -108,6 +116,8 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
     if choose and not options.clean:
         raise CommandError("--choose-clean-up and --no-clean-up contradict each other; drop one")
     segmenter = Segmenter.load(runs_in([run_dir, *ensemble], options.checkpoint), options)
+    if calibrate:
+        segmenter.calibration = None  # fitted on the network's own probabilities
     config, artifact, data_check = on_data(segmenter.config, data, other_data)
     lead = segmenter.lead.run_dir  # RUN_DIR itself, or the first run in it when it is a folder of runs
     wanted = artifact.cases_of(split)
@@ -118,9 +128,13 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
     trial = CleanUpTrial(region_names(config.task)) if choose else None
     kept: list[tuple[np.ndarray, np.ndarray, CaseVolumes, dict[str, Any]]] = []  # raw labels, confidence, ...
     views: dict[str, CaseViews] = {}
+    voxels = VoxelSample(config.task)
     started, reporting = time.perf_counter(), 0.0
     for volumes in scorable(cases, segmenter.read, results.skipped, f"{split} volumes"):
         done = segmenter.segment(volumes, progress=False, with_uncertainty=with_report)
+        if calibrate:
+            assert volumes.truth is not None
+            voxels.add(done.result.probabilities, volumes.truth, volumes.images.any(0))
         about = {"case_id": volumes.case_id, "brain_slices": done.result.brain_slices,
                  "predict_seconds": round(done.result.seconds, 3),
                  "slices_per_second": round(done.result.slices_per_second, 1)}
@@ -157,14 +171,31 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
     }
     stem = volume_outputs(split, len(segmenter.members), options.tta)
     outputs = [lead / f"{stem}.csv", lead / f"{stem}.json"]
+    if calibrate:
+        try:
+            calibration, curves = voxels.calibrate(f"the {split} split: {len(results.rows)} patients")
+        except ValueError as error:
+            raise CommandError(f"{lead}: {error} on these {len(results.rows)} patients; calibrate on more validation "
+                               "patients, or leave the probabilities as they are") from None
+        members = [str(m.run_dir) for m in segmenter.members]
+        save_calibration(lead, calibration, curves, members=members, tta=options.tta)
+        with atomic_output(lead / "calibration.png", suffix=".png") as partial:
+            partial.write_bytes(reliability_png(curves))
+        segmenter.calibration = calibration
+        report["calibration"] = calibration.describe()
+        outputs += [lead / CALIBRATION_FILE, lead / "calibration.png"]
     if with_report:
         begun = time.perf_counter()
         settings = {"run": lead, "models": report["models"], "checkpoint": options.checkpoint, "split": split,
                     "data": report["data"], "data SHA-256": config.data_sha256, "data identity": data_check,
                     "build id": config.data_id, "volumes": volumes_dir, "mirroring": options.tta,
                     "clean-up": segmenter.rule_note, "brats2d": __version__}
+        if segmenter.calibration is not None:
+            settings["calibration"] = segmenter.calibration.describe()
+        diagram = (lead / "calibration.png").read_bytes() if segmenter.calibration and (lead / "calibration.png"
+                                                                                       ).is_file() else None
         write_report(lead / f"{stem}.html", f"{lead.name}: {len(results.rows)} whole {split} volumes", settings,
-                     results.rows, views, VOLUME_DEFINITION)
+                     results.rows, views, VOLUME_DEFINITION, diagram)
         reporting += time.perf_counter() - begun
         report["report_seconds"] = round(reporting, 2)
         report["evaluation_seconds"] = round(time.perf_counter() - started - reporting, 2)

@@ -131,8 +131,31 @@ def _cell(value: Any, digits: int) -> str:
         html.escape(str(value))
 
 
+def reliability_png(curves: dict[str, list[dict]]) -> bytes:
+    """The reliability diagram of ``trainer.scoring.calibration.calibrate``'s curves, before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(4.2, 4), dpi=80)
+    ax.plot([0, 1], [0, 1], color="#999", linestyle="--", label="calibrated")
+    for name, colour in (("before", "#c33"), ("after", "#36c")):
+        points = curves[name]
+        ax.plot([p["confidence"] for p in points], [p["accuracy"] for p in points], marker="o", color=colour,
+                label=f"{name} temperature scaling")
+    ax.set_xlabel("confidence (voxels inside the brain)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def report_html(title: str, settings: dict[str, Any], rows: list[dict[str, Any]], views: dict[str, CaseViews],
-                definition: str) -> str:
+                definition: str, calibration_png: bytes | None = None) -> str:
     """The report as one HTML document."""
     ordered = worst_first(rows)
     columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
@@ -144,6 +167,9 @@ def report_html(title: str, settings: dict[str, Any], rows: list[dict[str, Any]]
         f'<h3>{html.escape(r["case_id"])}</h3><img alt="{html.escape(r["case_id"])}: axial, coronal and sagittal '
         f'views" src="data:image/png;base64,{base64.b64encode(views[r["case_id"]].png).decode("ascii")}">'
         for r in ordered if r["case_id"] in views)
+    calibration = "" if calibration_png is None else (
+        '<h2>Calibration</h2><img alt="reliability diagram" style="max-width: 420px" '
+        f'src="data:image/png;base64,{base64.b64encode(calibration_png).decode("ascii")}">')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title><style>{STYLE}</style></head>
@@ -158,7 +184,7 @@ def report_html(title: str, settings: dict[str, Any], rows: list[dict[str, Any]]
 <h2>The worst patients first</h2>
 <p>Through the tumour's centre; colours: red necrotic core, green oedema, yellow enhancing tumour.</p>
 {pictures}
-<h2>Definitions</h2><p>{html.escape(definition)}</p>
+{calibration}<h2>Definitions</h2><p>{html.escape(definition)}</p>
 <p id="pictures"></p>
 <script>{SCRIPT}</script>
 </body></html>
@@ -166,8 +192,8 @@ def report_html(title: str, settings: dict[str, Any], rows: list[dict[str, Any]]
 
 
 def write_report(path: Path, title: str, settings: dict[str, Any], rows: list[dict[str, Any]],
-                 views: dict[str, CaseViews], definition: str) -> Path:
+                 views: dict[str, CaseViews], definition: str, calibration_png: bytes | None = None) -> Path:
     """``report_html`` written whole or not at all."""
     with atomic_output(path, suffix=".html") as partial:
-        partial.write_text(report_html(title, settings, rows, views, definition), encoding="utf-8")
+        partial.write_text(report_html(title, settings, rows, views, definition, calibration_png), encoding="utf-8")
     return path

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from trainer.errors import CommandError
 from trainer.inference.cases import CaseVolumes, Geometry, labels_of, read_case
 from trainer.inference.options import VolumeOptions
 from trainer.inference.slices import VolumeProbabilities, network_probabilities
+from trainer.scoring.calibration import Calibration, load_calibration
 from trainer.scoring.cleanup import CleanUp, clean_up, rule_for
 from trainer.tasks import region_confidence, uncertainty
 from trainer.training.model import load_model
@@ -88,6 +89,7 @@ class Segmenter:
     tta: bool = False
     rule: CleanUp | None = None
     rule_note: str = "no clean-up"
+    calibration: Calibration | None = None  # the lead run's, fitted for these members (evaluate --calibrate)
     brain_box: bool = True  # False: whole slices, the previous release's pass (benchmarks compare against it)
 
     @classmethod
@@ -107,7 +109,8 @@ class Segmenter:
             if problem:
                 raise CommandError(f"{member.run_dir}: cannot be ensembled with {lead.run_dir}: {problem}; ensemble "
                                    "runs of one task, trained on the same modalities, orientation and voxel size")
-        return cls(members, device, tta, *rule_for(clean, lead.run_dir))
+        calibration = load_calibration(lead.run_dir, [str(m.run_dir) for m in members], tta)
+        return cls(members, device, tta, *rule_for(clean, lead.run_dir), calibration=calibration)
 
     @property
     def lead(self) -> Member:
@@ -119,7 +122,8 @@ class Segmenter:
 
     def describe(self) -> str:
         runs = ", ".join(f"{m.run_dir.name} ({m.config.plane}, context {m.config.context})" for m in self.members)
-        return f"{runs}{'; test-time mirroring' if self.tta else ''}"
+        calibrated = f"; probabilities calibrated: {self.calibration.describe()}" if self.calibration else ""
+        return f"{runs}{'; test-time mirroring' if self.tta else ''}{calibrated}"
 
     def read(self, case: Case) -> CaseVolumes:
         """The case's channels in the lead run's orientation (checked by ``read_case`` against the lead's slices),
@@ -155,9 +159,11 @@ class Segmenter:
         its uncertainty map (and an ensemble's disagreement)."""
         result = self.probabilities(volumes, progress, members_uncertainty=with_uncertainty)
         raw = labels_of(result.probabilities, self.config.task)
-        confidence = region_confidence(result.probabilities, self.config.task)
+        confidence = region_confidence(result.probabilities, self.config.task)  # what the clean-up was chosen on
+        disagreement = None if result.member_uncertainty is None else \
+            np.clip(uncertainty(result.probabilities, self.config.task) - result.member_uncertainty, 0, 1)
+        if self.calibration is not None:  # the probabilities handed on; labels never move (trainer.scoring.calibration)
+            result = replace(result, probabilities=self.calibration.apply(result.probabilities).astype(np.float16))
         entropy = uncertainty(result.probabilities, self.config.task) if with_uncertainty else None
-        disagreement = None if entropy is None or result.member_uncertainty is None else \
-            np.clip(entropy - result.member_uncertainty, 0, 1)
         return CaseSegmentation(raw, raw if self.rule is None else clean_up(raw, self.rule, confidence), result,
                                 confidence, entropy, disagreement)
