@@ -52,7 +52,7 @@ def test_a_fold_out_of_range_is_one_line(small_artifact: Path, tmp_path: Path) -
 
 @pytest.fixture(scope="module")
 def cross_validated(small_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """`cross-validate` end to end (2 fold runs, out-of-fold volumes, the clean-up chosen on them) on an artifact of
+    """`cross-validate` end to end (2 fold runs, out-of-fold volumes, the clean-up chosen on them, the report) on an artifact of
     7 of the small cases (6 patients in the folds): (its artifact, the cases, the output folder); read-only."""
     folder = tmp_path_factory.mktemp("cv")
     cases = folder / "cases"
@@ -61,7 +61,8 @@ def cross_validated(small_cases: Path, tmp_path_factory: pytest.TempPathFactory)
     data = folder / "cv.h5"
     build(cases, data, BuildOptions(jobs=1, val_fraction=0.25, test_fraction=0.25, progress=False))
     result = trainer_cli("cross-validate", data, "--folds", "2", "--out", folder / "cv", *FAST, "--epochs", "1",
-                         "--max-steps", "2", "--batch-size", "2", "--volumes", cases, "--choose-clean-up")
+                         "--max-steps", "2", "--batch-size", "2", "--volumes", cases, "--choose-clean-up",
+                         "--report")
     assert result.exit_code == 0, result.output
     return data, cases, folder / "cv"
 
@@ -79,6 +80,9 @@ def test_cross_validation_scores_out_of_fold(cross_validated: tuple[Path, Path, 
         assert choice["chosen_on"] == "the out-of-fold predictions of 2 folds: 6 patients"
         assert not (out / f"fold-{k}" / "last.pt").exists()  # finished runs keep best.pt only
     assert (out / "oof" / f"{rows[0]['case_id']}.npz").is_file() and "Out-of-fold" in (out / "oof.md").read_text()
+    page = (out / "oof_volumes.html").read_text()  # the report: every patient in its table and with its views
+    assert all(f"<td>{r['case_id']}</td>" in page for r in rows)
+    assert page.count('src="data:image/png;base64,') == len(rows)
 
 
 def test_fold_runs_ensemble_but_never_on_patients_one_of_them_saw(cross_validated: tuple[Path, Path, Path],

@@ -405,19 +405,23 @@ def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume
 @click.option("--choose-clean-up", "choose", is_flag=True,
               help="With --volumes: choose the clean-up on the out-of-fold predictions (each fold scored with the "
                    "rule chosen on the others; every fold run stores the rule chosen on all of them).")
+@click.option("--report", "with_report", is_flag=True,
+              help="With --volumes: also write oof_volumes.html, one self-contained page of the out-of-fold patients "
+                   "(as `evaluate --report`: the table, the worst first with three views, the definitions).")
 @one_line_errors
 def cross_validate_command(data: Path, folds: int, modality: str, out: Path, reuse: bool, volumes_dir: Path | None,
-                           volume: VolumeOptions, choose: bool, **options: Any) -> None:
+                           volume: VolumeOptions, choose: bool, with_report: bool, **options: Any) -> None:
     """Train all K fold runs of DATA (OUT/fold-0 ... fold-K-1), each validating on its held-out patients, and score
     the out-of-fold predictions on whole volumes: one table of every train and val patient, each segmented by the
     run that never saw it. The fold runs then form an ensemble: `brats-train predict OUT CASES --out DIR`."""
     from trainer.commands.crossval import cross_validate
 
     report = cross_validate(make_config(data, modality, out, **options), folds, out, reuse, volumes_dir, volume,
-                            choose)
+                            choose, with_report)
     if "metrics" in report:
         click.echo(f"{report['patients_scored']} out-of-fold patients: {format_scores(report['metrics'])}")
-        click.echo(f"wrote {out / 'oof.md'}, {out / 'oof_volumes.csv'} and {out / 'oof_volumes.json'}")
+        html = f", {out / 'oof_volumes.html'}" if with_report else ""
+        click.echo(f"wrote {out / 'oof.md'}, {out / 'oof_volumes.csv'}{html} and {out / 'oof_volumes.json'}")
     else:
         click.echo(f"trained {len(report['runs'])} fold runs in {out}")
 

@@ -18,11 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from builder import __version__
+from builder.layout import Case
 from builder.progress import Progress
+from trainer.commands.report import CaseViews, volumes_ml, write_report
 from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, scorable
 from trainer.config import FitConfig
 from trainer.data.inputs import open_artifact
 from trainer.errors import CommandError
+from trainer.inference.cases import nibabel
 from trainer.inference.ensemble import Segmenter
 from trainer.inference.options import VolumeOptions
 from trainer.outputs import atomic_output, write_csv, write_json, write_text
@@ -33,14 +37,18 @@ from trainer.training.loop import fit_each
 
 
 def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, volumes_dir: Path | None = None,
-                   options: VolumeOptions = VolumeOptions(), choose: bool = False) -> dict[str, Any]:
+                   options: VolumeOptions = VolumeOptions(), choose: bool = False, with_report: bool = False
+                   ) -> dict[str, Any]:
     """Train (or keep, with ``reuse``) the ``folds`` fold runs of ``base`` in ``out``; with ``volumes_dir``, segment
     every patient with the run that held it out, score the out-of-fold predictions and (``choose``) choose the
     clean-up on them: each fold is scored with the rule chosen on the other folds' patients, and every fold run
     stores the rule chosen on all of them (for test patients and new cases). Volumes are segmented as ``options``
-    say (mirrored or not, cleaned up or not), on ``base.device`` where the runs trained."""
+    say (mirrored or not, cleaned up or not), on ``base.device`` where the runs trained. With ``with_report``, also
+    oof_volumes.html (trainer.commands.report; each patient's views drawn from its FLAIR as given)."""
     if choose and volumes_dir is None:
         raise CommandError("--choose-clean-up chooses on out-of-fold predictions of whole volumes: give --volumes DIR")
+    if with_report and volumes_dir is None:
+        raise CommandError("--report shows out-of-fold predictions of whole volumes: give --volumes DIR")
     configs = {f"fold-{k}": replace(base, folds=folds, fold=k, name=f"fold-{k}") for k in range(folds)}
     artifact = open_artifact(configs["fold-0"])  # checks the folds: none may be empty
     for config in list(configs.values())[1:]:
@@ -53,10 +61,12 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
     trial = CleanUpTrial(regions) if choose else None
     predicted: list[dict[str, Any]] = []  # per patient: fold, case, where its raw labels are
     skipped: list[dict[str, str]] = []
+    sources: dict[str, Case] = {}
     for k, run_dir in enumerate(runs.values()):
         segmenter = Segmenter.load([run_dir], raw_labels)
         held_out = open_artifact(segmenter.config).cases_of("val")
         cases, missing = cases_for(volumes_dir, held_out)
+        sources |= cases
         skipped += missing
         for volumes in scorable(cases, segmenter.read, skipped, f"fold {k} held-out volumes"):
             done = segmenter.segment(volumes, progress=False)
@@ -75,6 +85,7 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
                        f"{skipped[0]['reason'] if skipped else 'none found'})")
     rules = _rules(trial, predicted, folds, options.clean)
     results = VolumeResults(skipped=skipped)
+    views: dict[str, CaseViews] = {}
     for item in Progress(predicted, "scoring out-of-fold volumes", unit="case"):
         saved = np.load(item["path"])
         rule = rules[item["fold"]]
@@ -83,6 +94,11 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
         results.rows.append({"case_id": item["case_id"], "fold": item["fold"],
                              "clean_up": "none" if rule is None else rule.describe(),
                              "predict_seconds": round(item["seconds"], 3), **scores})
+        if with_report:
+            case = sources[item["case_id"]]
+            image = np.asanyarray(nibabel().load(case.files["t2f"]).dataobj)
+            views[item["case_id"]] = CaseViews.of(item["case_id"], image, saved["truth"], labels, None)
+            results.rows[-1] |= volumes_ml(saved["truth"], labels, tuple(saved["spacing"]))
     stored = None
     if trial is not None:
         for run_dir in runs.values():
@@ -97,6 +113,11 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
     write_csv(out / "oof_volumes.csv", results.rows)
     write_json(out / "oof_volumes.json", report)
     write_text(out / "oof.md", _table(report, regions))
+    if with_report:
+        settings = {"fold runs": ", ".join(report["runs"]), "volumes": volumes_dir, "mirroring": options.tta,
+                    "clean-up": report["clean_up"], "data": base.data, "brats2d": __version__}
+        write_report(out / "oof_volumes.html", f"{out.name}: {len(results.rows)} out-of-fold patients, {folds} folds",
+                     settings, results.rows, views, VOLUME_DEFINITION)
     return report
 
 
