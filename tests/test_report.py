@@ -81,6 +81,7 @@ def test_the_report_holds_every_patient_and_needs_nothing_outside(report: Path) 
     assert means == sorted(means)  # worst first
     for row in page.rows:  # the table shows the CSV's numbers
         assert row[1] == f"{float(scored[row[0]]['lesion_dice_WT']):.3f}"
+    assert all(0 <= float(row["dice_WT_uncertain"]) <= 1 for row in scored.values())  # uncertainty against error
     summary = json.loads(report.with_suffix(".json").read_text())
     assert summary["report_seconds"] > 0 and summary["evaluation_seconds"] > 0
     assert "max-width: 1100px" in report.read_text()

@@ -326,7 +326,8 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
 @click.option("--report", "with_report", is_flag=True,
               help="With --volumes: also write <split>_volumes.html, one self-contained page to open offline: the "
                    "run and data, a sortable table of every patient, the worst patients first with axial, coronal "
-                   "and sagittal views through the tumour (truth, prediction, errors, uncertainty), the definitions.")
+                   "and sagittal views through the tumour (truth, prediction, errors, uncertainty), the definitions; "
+                   "the CSV adds each patient's Dice of the voxels above and below its median uncertainty.")
 @one_line_errors
 def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: bool, volumes_dir: Path | None,
                      limit: int | None, ensemble: tuple[Path, ...], volume: VolumeOptions, choose: bool,

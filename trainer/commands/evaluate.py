@@ -29,6 +29,7 @@ from trainer.outputs import atomic_output, write_csv, write_json
 from trainer.scoring.brats import region_names
 from trainer.scoring.calibration import CALIBRATION_FILE, VoxelSample, save_calibration
 from trainer.scoring.cleanup import CleanUpTrial, clean_up, save_choice
+from trainer.scoring.uncertainty import dice_by_uncertainty
 from trainer.training.metrics import SegmentationMetrics
 from trainer.training.step import evaluation_pass
 
@@ -151,6 +152,9 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
             image = volumes.images[volumes.channels.index("t2f") if "t2f" in volumes.channels else 0]
             views[volumes.case_id] = CaseViews.of(volumes.case_id, image, volumes.truth, done.labels, done.uncertainty)
             results.rows[-1] |= volumes_ml(volumes.truth, done.labels, volumes.spacing)
+            assert done.uncertainty is not None
+            results.rows[-1] |= dice_by_uncertainty(done.labels, volumes.truth, done.uncertainty,
+                                                    region_names(config.task))
             reporting += time.perf_counter() - begun
     if trial is not None and kept:
         rule = save_choice(lead, trial, f"the {split} split: {len(kept)} patients",
