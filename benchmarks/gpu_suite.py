@@ -25,6 +25,7 @@ carry. Put the card, torch version and figures in the README.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -191,12 +192,9 @@ def main() -> None:
     truth = truths(source, list(fold.held_out) + list(fold.training))
     from common import replicated_artifact
 
-    rows1251: list[Path] = []
-
-    def synthetic() -> Path:
-        if not rows1251:
-            rows1251.append(replicated_artifact(1251, "rows1251", source_cases=60))
-        return rows1251[0]
+    @functools.cache
+    def synthetic() -> Path:  # made once, for the first section that needs it
+        return replicated_artifact(1251, "rows1251", source_cases=60)
 
     for key, need in zip(rows[:2], needs):
         suite.section(key, lambda key=key: budget_row(fold, Row.parse(key), truth), need)

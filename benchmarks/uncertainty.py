@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from budget import CACHE, FOLDS, REAL, REGIONS, Fold, Row, cached, truths  # noqa: E402
 
-from builder.layout import find_cases  # noqa: E402
+from builder.layout import Case, find_cases  # noqa: E402
 from trainer.scoring.brats import region_mask  # noqa: E402
 from trainer.scoring.calibration import VoxelSample, confidence_and_correct, reliability  # noqa: E402
 from trainer.scoring.uncertainty import dice_by_uncertainty  # noqa: E402
@@ -60,7 +60,8 @@ def main() -> None:
     args = parser.parse_args()
     patients = sorted(c.case_id for c in find_cases(REAL))
     folds = [Fold.of(CACHE, patients, index) for index in range(FOLDS)]
-    truth = {p: (*t, brain_of(p)) for p, t in truths(REAL, patients).items()}
+    cases = {c.case_id: c for c in find_cases(REAL)}
+    truth = {p: (*t, brain_of(cases[p])) for p, t in truths(REAL, patients).items()}
     print("| row | held-out patients | voxel ECE inside the brain, before | after | temperatures WT, TC, ET |\n"
           "|---|---|---|---|---|")
     for text in args.rows.split(","):
@@ -81,11 +82,10 @@ def main() -> None:
             print(f"| {text} | {len(scores)} | " + " | ".join(cells) + " |")
 
 
-def brain_of(patient: str) -> np.ndarray:
+def brain_of(case: Case) -> np.ndarray:
     """Where any modality is non-zero: the brain, as the trainer finds it."""
     import nibabel as nib
 
-    case = next(c for c in find_cases(REAL) if c.case_id == patient)
     return np.logical_or.reduce([np.asanyarray(nib.load(case.files[m]).dataobj) > 0
                                  for m in ("t1n", "t1c", "t2w", "t2f")])
 

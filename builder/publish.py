@@ -65,9 +65,8 @@ def publish(artifact: Path, folder: Path, repository: str = "ORG/NAME") -> list[
     return targets
 
 
-def split_counts(f: h5py.File) -> dict[str, tuple[int, int]]:
+def split_counts(f: h5py.File, case_ids: np.ndarray) -> dict[str, tuple[int, int]]:
     """Rows and patients of each split."""
-    case_ids = f[CASE_ID].asstr()[()]
     out = {}
     for name in SPLITS:
         rows = f[SPLIT_GROUP][name][()]
@@ -86,9 +85,9 @@ def card(artifact: Path, sha256: str, repository: str) -> str:
     """The dataset card: the Hub's YAML header, then what the file holds and how to use and cite it."""
     with h5py.File(artifact, "r") as f:
         a, _ = decoded_attributes(f)
-        counts = split_counts(f)
-        rows = int(f[CASE_ID].shape[0])
-        cases = len(np.unique(f[CASE_ID].asstr()[()]))
+        case_ids = f[CASE_ID].asstr()[()]
+        counts = split_counts(f, case_ids)
+        rows, cases = len(case_ids), len(np.unique(case_ids))
     size_mb = artifact.stat().st_size / 1e6
     address = f"hf://datasets/{repository}@main/{artifact.name}"
     splits = "\n".join(f"| {name} | {r} | {p} |" for name, (r, p) in counts.items())

@@ -171,6 +171,14 @@ def make_config(data: Path, modality: str, out: Path, **options: Any) -> FitConf
                      data_url=address_of(data))
 
 
+def data_fields(data: Path | None, saved: dict[str, Any]) -> dict[str, Any]:
+    """Where a run made from saved options reads: DATA if given (and the address it was fetched from), else the saved
+    file, fetched again from its recorded address when the local copy is gone."""
+    if data:
+        return {"data": str(Path(data).resolve()), "data_url": address_of(data)}
+    return {"data": str(Path(run_data(saved["data"], saved.get("data_url"))).resolve())}
+
+
 #: Options a resumed run may take anew: how long it trains (extending it), and where it runs.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "time_limit", "device", "workers", "cache", "keep_last", "quiet",
                      "tensorboard")
@@ -190,9 +198,7 @@ def resume_config(run_dir: Path, data: Path | None, options: dict[str, Any]) -> 
     from trainer.training.runs import resume_point
 
     saved, _ = resume_point(run_dir)
-    where = {"data": str(Path(data).resolve()), "data_url": address_of(data)} if data else \
-        {"data": str(Path(run_data(saved["data"], saved.get("data_url"))).resolve())}
-    config = FitConfig.from_dict({**saved, **where}, str(run_dir))
+    config = FitConfig.from_dict({**saved, **data_fields(data, saved)}, str(run_dir))
     given = config_values({name: options[name] for name in _given(list(options))})
     asked = dataclasses.replace(config, **given)
     for name in given:
@@ -213,9 +219,7 @@ def config_from_file(path: Path, data: Path | None, options: dict[str, Any]) -> 
     saved = read_config(path)
     keep = {k: v for k, v in saved.items() if k not in ("axis_codes", "voxel_size", "slice_shape", "plane",
                                                         "slice_axis", "data_sha256", "data_id")}  # bound anew
-    where = {"data": str(Path(data).resolve()), "data_url": address_of(data)} if data else \
-        {"data": str(Path(run_data(saved["data"], saved.get("data_url"))).resolve())}
-    config = FitConfig.from_dict({**keep, **where}, str(path))
+    config = FitConfig.from_dict({**keep, **data_fields(data, saved)}, str(path))
     return dataclasses.replace(config, **config_values({name: options[name] for name in _given(list(options))}))
 
 

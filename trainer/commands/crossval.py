@@ -21,7 +21,7 @@ import numpy as np
 from builder import __version__
 from builder.layout import Case
 from builder.progress import Progress
-from trainer.commands.report import CaseViews, volumes_ml, write_report
+from trainer.commands.report import REPORT_MODALITY, CaseViews, volumes_ml, write_report
 from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, scorable
 from trainer.config import FitConfig
 from trainer.data.inputs import open_artifact
@@ -96,8 +96,9 @@ def cross_validate(base: FitConfig, folds: int, out: Path, reuse: bool = False, 
                              "predict_seconds": round(item["seconds"], 3), **scores})
         if with_report:
             case = sources[item["case_id"]]
-            image = np.asanyarray(nibabel().load(case.files["t2f"]).dataobj)
-            views[item["case_id"]] = CaseViews.of(item["case_id"], image, saved["truth"], labels, None)
+            image = nibabel().load(case.files[REPORT_MODALITY])  # as given: the space the saved labels are in
+            views[item["case_id"]] = CaseViews.of(item["case_id"], np.asanyarray(image.dataobj), saved["truth"],
+                                                  labels, None, nibabel().aff2axcodes(image.affine))
             results.rows[-1] |= volumes_ml(saved["truth"], labels, tuple(saved["spacing"]))
     stored = None
     if trial is not None:

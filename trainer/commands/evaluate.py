@@ -14,7 +14,7 @@ import torch
 
 from builder import __version__
 from builder.remote import run_data
-from trainer.commands.report import CaseViews, reliability_png, volumes_ml, write_report
+from trainer.commands.report import REPORT_MODALITY, CaseViews, reliability_png, volumes_ml, write_report
 from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, per_case, scorable
 from trainer.config import FitConfig
 from trainer.data.artifact import Artifact
@@ -22,12 +22,12 @@ from trainer.data.inputs import NetworkInputs, dataset_for, open_artifact
 from trainer.data.loading import make_loader
 from trainer.device import autocast_dtype, resolve_device
 from trainer.errors import ArtifactError, CommandError
-from trainer.inference.cases import CaseVolumes, score
+from trainer.inference.cases import CaseVolumes, Geometry, score
 from trainer.inference.ensemble import Member, Segmenter, runs_in
 from trainer.inference.options import VolumeOptions
 from trainer.outputs import atomic_output, write_csv, write_json
 from trainer.scoring.brats import region_names
-from trainer.scoring.calibration import CALIBRATION_FILE, VoxelSample, save_calibration
+from trainer.scoring.calibration import CALIBRATION_FILE, DIAGRAM_FILE, VoxelSample, save_calibration
 from trainer.scoring.cleanup import CleanUpTrial, clean_up, save_choice
 from trainer.scoring.uncertainty import dice_by_uncertainty
 from trainer.training.metrics import SegmentationMetrics
@@ -149,8 +149,9 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
         if with_report:
             begun = time.perf_counter()
             assert volumes.truth is not None
-            image = volumes.images[volumes.channels.index("t2f") if "t2f" in volumes.channels else 0]
-            views[volumes.case_id] = CaseViews.of(volumes.case_id, image, volumes.truth, done.labels, done.uncertainty)
+            shown = volumes.channels.index(REPORT_MODALITY) if REPORT_MODALITY in volumes.channels else 0
+            views[volumes.case_id] = CaseViews.of(volumes.case_id, volumes.images[shown], volumes.truth, done.labels,
+                                                  done.uncertainty, Geometry.of(config).axis_codes)
             results.rows[-1] |= volumes_ml(volumes.truth, done.labels, volumes.spacing)
             assert done.uncertainty is not None
             results.rows[-1] |= dice_by_uncertainty(done.labels, volumes.truth, done.uncertainty,
@@ -183,11 +184,11 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
                                "patients, or leave the probabilities as they are") from None
         members = [str(m.run_dir) for m in segmenter.members]
         save_calibration(lead, calibration, curves, members=members, tta=options.tta)
-        with atomic_output(lead / "calibration.png", suffix=".png") as partial:
+        with atomic_output(lead / DIAGRAM_FILE, suffix=".png") as partial:
             partial.write_bytes(reliability_png(curves))
         segmenter.calibration = calibration
         report["calibration"] = calibration.describe()
-        outputs += [lead / CALIBRATION_FILE, lead / "calibration.png"]
+        outputs += [lead / CALIBRATION_FILE, lead / DIAGRAM_FILE]
     if with_report:
         begun = time.perf_counter()
         settings = {"run": lead, "models": report["models"], "checkpoint": options.checkpoint, "split": split,
@@ -196,10 +197,10 @@ def evaluate_volumes(run_dir: Path, volumes_dir: Path, split: str = "test", data
                     "clean-up": segmenter.rule_note, "brats2d": __version__}
         if segmenter.calibration is not None:
             settings["calibration"] = segmenter.calibration.describe()
-        diagram = (lead / "calibration.png").read_bytes() if segmenter.calibration and (lead / "calibration.png"
-                                                                                       ).is_file() else None
+        diagram = lead / DIAGRAM_FILE  # this call's fit, or the one the segmenter loaded
+        diagram_png = diagram.read_bytes() if segmenter.calibration is not None and diagram.is_file() else None
         write_report(lead / f"{stem}.html", f"{lead.name}: {len(results.rows)} whole {split} volumes", settings,
-                     results.rows, views, VOLUME_DEFINITION, diagram)
+                     results.rows, views, VOLUME_DEFINITION, diagram_png)
         reporting += time.perf_counter() - begun
         report["report_seconds"] = round(reporting, 2)
         report["evaluation_seconds"] = round(time.perf_counter() - started - reporting, 2)

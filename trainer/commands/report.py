@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from builder.format import REGIONS
-from trainer.outputs import atomic_output
+from builder.format import PLANES, REGIONS, slice_axis
+from trainer.outputs import write_text
 from trainer.scoring.brats import region_mask
 
+#: The modality the views are drawn on (FLAIR: the whole tumour shows on it).
+REPORT_MODALITY = "t2f"
 #: The columns of the patient table: (row key, heading, digits).
 COLUMNS = [(f"lesion_dice_{r}", f"lesion-wise Dice {r}", 3) for r in REGIONS] + \
           [(f"dice_{r}", f"Dice {r}", 3) for r in REGIONS] + \
@@ -60,50 +62,42 @@ dt { font-weight: 600; } dd { margin: 0; overflow-wrap: anywhere; }
 @dataclass(frozen=True)
 class CaseViews:
     """A case's three views through the tumour, as one PNG (rows: axial, coronal, sagittal; columns: image with the
-    truth, with the prediction, the errors, the uncertainty)."""
+    truth, with the prediction, the errors, the uncertainty), drawn as the run's pictures are
+    (``trainer.training.plots``: radiological orientation from the axis codes, the BraTS label colours)."""
 
     case_id: str
     png: bytes
 
     @classmethod
     def of(cls, case_id: str, image: np.ndarray, truth: np.ndarray, labels: np.ndarray,
-           uncertainty: np.ndarray | None) -> CaseViews:
-        """``image`` (X, Y, Z) one modality, ``truth`` and ``labels`` BraTS labels, ``uncertainty`` 0-1 (or None)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
+           uncertainty: np.ndarray | None, axis_codes: Sequence[str]) -> CaseViews:
+        """``image`` (X, Y, Z) one modality (``REPORT_MODALITY``), ``truth`` and ``labels`` BraTS labels,
+        ``uncertainty`` 0-1 (or None), all in the voxel order ``axis_codes`` names."""
+        from trainer.training.plots import panel_grid, plt, radiological, show_slice, slice_codes
 
         tumour = (truth > 0) | (labels > 0)
         centre = [int(np.median(a)) for a in np.nonzero(tumour)] if tumour.any() else [s // 2 for s in truth.shape]
-        classes = ListedColormap([(0, 0, 0, 0), (1, 0.2, 0.2, 0.6), (0.2, 0.9, 0.2, 0.5), (1, 0.9, 0.1, 0.7)])
-        errors = ListedColormap([(0, 0, 0, 0), (1, 0.1, 0.1, 0.8), (0.1, 0.4, 1, 0.8)])
-        columns = ["truth", "prediction", "errors (red false, blue missed)"] + (["uncertainty"] if uncertainty
-                                                                                  is not None else [])
-        figure, axes = plt.subplots(3, len(columns), figsize=(2.3 * len(columns), 6.6), dpi=60, squeeze=False)
-        low, high = np.percentile(image[image > 0], (1, 99)) if (image > 0).any() else (0, 1)
-        for row, axis in enumerate((2, 1, 0)):  # axial, coronal, sagittal
-            def cut(volume: np.ndarray, axis: int = axis) -> np.ndarray:
-                return np.rot90(np.take(volume, centre[axis], axis=axis))
+        errors = np.where((labels > 0) & (truth == 0), 1, np.where((truth > 0) & (labels == 0), 2, 0))
+        titles = ["truth", "prediction", "errors: red false, green missed"] + (["uncertainty"] if uncertainty
+                                                                                is not None else [])
+        figure, axes = panel_grid(3, len(titles), 2.0, 2.1, top=0.9)
+        for row, plane in enumerate(PLANES):
+            axis = slice_axis(tuple(axis_codes), plane)
+            codes = slice_codes(axis_codes, axis)
 
-            wrong = np.where((labels > 0) & (truth == 0), 1, np.where((truth > 0) & (labels == 0), 2, 0))
-            layers = [(truth, classes, 3), (labels, classes, 3), (wrong, errors, 2)]
+            def cut(volume: np.ndarray, axis: int = axis) -> np.ndarray:
+                return np.take(volume, centre[axis], axis=axis)
+
+            for col, overlay in enumerate((truth, labels, errors)):
+                show_slice(axes[row][col], cut(image), cut(overlay).astype(np.uint8),
+                           f"{titles[col]} ({plane})" if row == 0 else plane, codes)
             if uncertainty is not None:
-                layers.append((uncertainty, "magma", 1))
-            for col, (volume, colours, top) in enumerate(layers):
-                ax = axes[row][col]
-                ax.imshow(cut(image), cmap="gray", vmin=low, vmax=high)
-                shown = cut(volume)
-                ax.imshow(np.ma.masked_where(shown == 0, shown) if colours == "magma" else shown, cmap=colours,
-                          vmin=0, vmax=top, alpha=0.8 if colours == "magma" else None, interpolation="nearest")
-                ax.set_axis_off()
-                if row == 0:
-                    ax.set_title(columns[col], fontsize=9)
-        figure.suptitle(case_id, fontsize=10)
-        figure.tight_layout()
+                show_slice(axes[row][3], cut(image), None, titles[3] if row == 0 else "", codes)
+                shown = radiological(cut(uncertainty), codes)[0]
+                axes[row][3].imshow(np.ma.masked_where(shown == 0, shown), cmap="magma", vmin=0, vmax=1, alpha=0.8)
+        figure.suptitle(case_id, fontsize=9)
         buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
+        figure.savefig(buffer, format="png", dpi=60)
         plt.close(figure)
         return cls(case_id, buffer.getvalue())
 
@@ -133,10 +127,7 @@ def _cell(value: Any, digits: int) -> str:
 
 def reliability_png(curves: dict[str, list[dict]]) -> bytes:
     """The reliability diagram of ``trainer.scoring.calibration.calibrate``'s curves, before and after."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trainer.training.plots import plt
 
     figure, ax = plt.subplots(figsize=(4.2, 4), dpi=80)
     ax.plot([0, 1], [0, 1], color="#999", linestyle="--", label="calibrated")
@@ -194,6 +185,5 @@ def report_html(title: str, settings: dict[str, Any], rows: list[dict[str, Any]]
 def write_report(path: Path, title: str, settings: dict[str, Any], rows: list[dict[str, Any]],
                  views: dict[str, CaseViews], definition: str, calibration_png: bytes | None = None) -> Path:
     """``report_html`` written whole or not at all."""
-    with atomic_output(path, suffix=".html") as partial:
-        partial.write_text(report_html(title, settings, rows, views, definition, calibration_png), encoding="utf-8")
+    write_text(path, report_html(title, settings, rows, views, definition, calibration_png))
     return path

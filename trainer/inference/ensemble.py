@@ -160,10 +160,11 @@ class Segmenter:
         result = self.probabilities(volumes, progress, members_uncertainty=with_uncertainty)
         raw = labels_of(result.probabilities, self.config.task)
         confidence = region_confidence(result.probabilities, self.config.task)  # what the clean-up was chosen on
-        disagreement = None if result.member_uncertainty is None else \
-            np.clip(uncertainty(result.probabilities, self.config.task) - result.member_uncertainty, 0, 1)
+        entropy = uncertainty(result.probabilities, self.config.task) if with_uncertainty else None
+        disagreement = None if entropy is None or result.member_uncertainty is None else \
+            np.clip(entropy - result.member_uncertainty, 0, 1)  # both of the network's own probabilities
         if self.calibration is not None:  # the probabilities handed on; labels never move (trainer.scoring.calibration)
             result = replace(result, probabilities=self.calibration.apply(result.probabilities).astype(np.float16))
-        entropy = uncertainty(result.probabilities, self.config.task) if with_uncertainty else None
+            entropy = uncertainty(result.probabilities, self.config.task) if with_uncertainty else None
         return CaseSegmentation(raw, raw if self.rule is None else clean_up(raw, self.rule, confidence), result,
                                 confidence, entropy, disagreement)

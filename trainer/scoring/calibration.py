@@ -19,6 +19,7 @@ from trainer.outputs import write_json
 from trainer.scoring.brats import region_mask
 
 CALIBRATION_FILE = "calibration.json"
+DIAGRAM_FILE = "calibration.png"  # its reliability diagram (trainer.commands.report.reliability_png)
 BINS = 15
 #: Temperatures searched (log-spaced bounds); an optimum on a bound did not converge.
 LOWEST, HIGHEST = 0.05, 20.0

@@ -78,7 +78,7 @@ def show_slice(ax: plt.Axes, image: np.ndarray, labels: np.ndarray | None = None
     ax.axis("off")
 
 
-def _grid(rows: int, columns: int, width: float, height: float, top: float = 0.86) -> tuple[plt.Figure, np.ndarray]:
+def panel_grid(rows: int, columns: int, width: float, height: float, top: float = 0.86) -> tuple[plt.Figure, np.ndarray]:
     """A figure of slice panels with a fixed layout, room for a title above and a legend below."""
     fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + 0.9), squeeze=False)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.7 / (height * rows + 0.9), top=top, wspace=0.05, hspace=0.3)
@@ -146,7 +146,7 @@ def plot_samples(model: torch.nn.Module, config, artifact, inputs, path: Path, c
     shown = config.channels[-1]
     centre = own_slice(len(config.channels) - 1, config.context)  # the last channel's own slice, not a neighbour
     codes = slice_codes(artifact.axis_codes, artifact.slice_axis)
-    fig, axes = _grid(len(rows), 3, 2.5, 2.6)
+    fig, axes = panel_grid(len(rows), 3, 2.5, 2.6)
     for i, row in enumerate(rows):
         name = f"{artifact.case_ids[row]} {artifact.plane} {artifact.slice_index[row]}"
         image = images[i, centre].numpy()
@@ -192,7 +192,7 @@ def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, predicted: dict
     panels = 5 + len(labels)
     count = min(cases_in_png, len(shown))
     title = "test cases: four inputs (left), the truth, then each model's prediction with its Dice on the slice"
-    fig, axes = _grid(count, panels, 1.45, 1.6)
+    fig, axes = panel_grid(count, panels, 1.45, 1.6)
     for i in range(count):
         _case_panels(axes[i], artifact, int(rows[i]), truth[i], {k: v[i] for k, v in labels.items()}, images[i], names,
                      task)
@@ -202,7 +202,7 @@ def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, predicted: dict
     pictures = []
     columns = (panels + 1) // 2
     for i in range(len(shown)):
-        fig, axes = _grid(2, columns, 1.6, 1.8, top=0.84)
+        fig, axes = panel_grid(2, columns, 1.6, 1.8, top=0.84)
         for ax in axes.flat[panels:]:
             ax.axis("off")
         _case_panels(list(axes.flat), artifact, int(rows[i]), truth[i], {k: v[i] for k, v in labels.items()},
