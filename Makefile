@@ -17,8 +17,9 @@ DEMO_DIR ?= datasets/synthetic
 DEMO_DATA ?= datasets/demo.h5
 DEMO_CASES ?= 120
 DEMO_ARGS ?= --epochs 6 --batch-size 8 --crop 128 --workers 1 --encoder resnet18 --encoder-weights none
-# whole-volume BraTS 2023 scores of every approach on the first test patients (all 18 would add ~10 min on 2 cores)
-DEMO_VOLUMES ?= --volumes $(DEMO_DIR) --volume-cases 3
+# whole-volume BraTS 2023 scores of every approach on the first test patients (all 18 would add ~10 min on 2 cores),
+# and their report (runs/demo/comparison_volumes.html)
+DEMO_VOLUMES ?= --volumes $(DEMO_DIR) --volume-cases 3 --report
 # train/compare use the real dataset when it was built, else the demo's
 TRAIN_DATA ?= $(if $(wildcard $(DATA)),$(DATA),$(DEMO_DATA))
 
@@ -33,9 +34,19 @@ RECIPE_BUILD ?= --context 2 --slices-per-case all --background-slices 4
 RECIPE_FIT ?= --context 2 --task regions --schedule poly --epochs 10000 --patience 10000 \
 	--encoder resnet18 --encoder-weights none --crop 128 --batch-size 16
 
-.PHONY: setup dataset demo train compare cv recipe test bench clean
+.PHONY: setup browser dataset demo train compare cv recipe test bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# Headless Chromium (Debian's) for the report's browser test: installed where apt-get may run (as root, or sudo
+# without a password); elsewhere the test skips and says why, and nothing else needs it.
+browser:
+	@command -v chromium > /dev/null || command -v chromium-browser > /dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then APT="apt-get"; elif sudo -n true 2> /dev/null; then APT="sudo apt-get"; fi; \
+	  if [ -n "$$APT" ] && command -v apt-get > /dev/null; then \
+	    ($$APT install -y -q chromium > /dev/null 2>&1 || { $$APT update -q > /dev/null 2>&1 && \
+	      $$APT install -y -q chromium > /dev/null 2>&1; }) || echo "chromium could not be installed: the browser test skips"; \
+	  else echo "no chromium (apt-get install chromium): the report's browser test skips"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

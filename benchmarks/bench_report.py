@@ -6,7 +6,7 @@ Timing: a budget.py run of fold 0 (axial, 500 steps) on its validation patients 
 report of `make demo`'s early-fusion run on its synthetic test cases (no real patient in the repository), taken by
 headless Chromium at 1366 px into benchmarks/report.png.
 
-    python benchmarks/bench_report.py
+    python benchmarks/bench_report.py [--screenshot]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ ROUNDS = 2
 
 
 def main() -> None:
+    screenshot = "--screenshot" in sys.argv[1:]
     runs = sorted(CACHE.glob("fold0-*/snap-axial-d256-p19-500"))
     if not runs or not REAL.is_dir():
         sys.exit("needs budget.py's fold-0 axial@500 run and ../shared/real-brats18: run budget.py --folds 0 first")
@@ -52,7 +53,9 @@ def main() -> None:
     demo = Path("runs/demo/all")
     synthetic = Path("datasets/synthetic")
     chromium = shutil.which("chromium")
-    if demo.is_dir() and synthetic.is_dir() and chromium:
+    if not screenshot:
+        pass
+    elif demo.is_dir() and synthetic.is_dir() and chromium:
         copy = shutil.copytree(demo, work / "demo")
         evaluate_volumes(copy, synthetic, "test", options=options, with_report=True)
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

@@ -6,7 +6,8 @@ around each tumour, with their artifact and one tiny trained run (for the traine
 every voxel a model sees). Session fixtures are read-only: a test that writes copies first (``writable_copy``).
 
 Helpers, one of each: the two CLIs (``trainer_cli``, ``builder_cli``), the independent NIfTI reader (``read_volume``),
-a run stopped as a kill would stop it (``fit_killed``), and the checks of a clean failure (``one_error_line``)."""
+a run stopped as a kill would stop it (``fit_killed``), the checks of a clean failure (``one_error_line``) and a
+report's page read back (``ReportPage``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,50 @@ FAST_OPTIONS = {"encoder": "resnet18", "encoder_weights": "none", "batch_size": 
                 "device": "cpu"}
 #: The same on the command line.
 FAST = [text for name, value in FAST_OPTIONS.items() for text in (f"--{name.replace('_', '-')}", str(value))]
+
+
+class ReportPage(HTMLParser):
+    """A report's table rows (by table id: ``patients``, ``approaches``), its pictures and every address it names
+    (``trainer.commands.report``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[str] = []
+        self.addresses: list[str] = []
+        self._cell: list[str] | None = None
+        self._in_body = False
+        self._table: list[list[str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(found.get("id") or "", [])
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self._table.append([])
+        elif tag == "td" and self._in_body:
+            self._cell = []
+        elif tag == "img":
+            self.images.append(found.get("src") or "")
+        self.addresses += [v for k, v in attrs if k in ("src", "href") and v]
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self._table[-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "tbody":
+            self._in_body = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    @property
+    def rows(self) -> list[list[str]]:
+        """The patient table's rows."""
+        return self.tables.get("patients", [])
 
 
 def trainer_cli(*args: object) -> Result:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +20,7 @@ from trainer.cli import main
 from trainer.inference.fusion import mean_probabilities, vote
 from trainer.scoring.statistics import bootstrap_interval
 
-from conftest import FAST, read_volume
+from conftest import FAST, ReportPage, read_volume
 
 
 def test_vote_by_hand_with_double_vote_and_tie() -> None:
@@ -61,10 +63,12 @@ COMPARE_ARGS = [*FAST, "--epochs", "1", "--max-steps", "2"]
 
 @pytest.fixture(scope="module")
 def compared(small_artifact: Path, small_cases: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny compare (five 2-step runs) scored per slice and on one whole volume; tests read it, never change it."""
+    """One tiny compare (five 2-step runs) scored per slice and on one whole volume, with its report; tests read it,
+    never change it."""
     out = tmp_path_factory.mktemp("compare") / "cmp"
     result = CliRunner().invoke(main, ["compare", str(small_artifact), "--out", str(out), *COMPARE_ARGS, "--volumes",
-                                       str(small_cases), "--volume-cases", "1", "--no-clean-up"], catch_exceptions=False)
+                                       str(small_cases), "--volume-cases", "1", "--no-clean-up", "--report"],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
 
@@ -110,6 +114,34 @@ def test_compare_volumes_score_as_evaluate_does(compared: Path, small_cases: Pat
     (alone,) = list(csv.DictReader(open(run / "test_volumes.csv")))
     (fused,) = [r for r in volumes if r["approach"] == "all"]
     assert alone["case_id"] == fused["case_id"] and alone["lesion_dice_WT"] == fused["lesion_dice_WT"]
+
+
+def test_the_compare_report_shows_every_approach_of_every_patient(compared: Path, small_artifact: Path) -> None:
+    """comparison_volumes.html: a row per approach and patient with the CSV's numbers, the approaches' table in the
+    JSON's order with its means, one picture per patient (truth and the seven masks), nothing from outside."""
+    from PIL import Image
+
+    page = ReportPage()
+    page.feed((compared / "comparison_volumes.html").read_text())
+    volumes = list(csv.DictReader(open(compared / "comparison_volumes.csv")))
+    assert sorted((r[0], r[1]) for r in page.rows) == sorted((r["case_id"], r["approach"]) for r in volumes)
+    by_key = {(r["case_id"], r["approach"]): r for r in volumes}
+    for row in page.rows:  # patient, approach, lesion-wise Dice WT...
+        assert row[2] == f"{float(by_key[row[0], row[1]]['lesion_dice_WT']):.3f}"
+    summary = json.loads((compared / "comparison_volumes.json").read_text())
+    approaches = page.tables["approaches"]
+    assert len(approaches) == len(summary["approaches"]) == 7
+    means = [f"{s['metrics']['lesion_dice_WT']['mean']:.3f}" for s in summary["approaches"].values()]
+    assert [row[1] for row in approaches] == means
+    assert [row[-1] == "best" for row in approaches].count(True) == 1
+    assert len(page.images) == summary["cases_scored"] == 1
+    picture = Image.open(io.BytesIO(base64.b64decode(page.images[0].split(",", 1)[1])))
+    assert picture.format == "PNG" and picture.width > 2.5 * picture.height  # eight panels a row (truth, 7 masks), 3 rows
+    assert all(a.startswith("data:") for a in page.addresses)
+    assert summary["report_seconds"] > 0 and all(float(r["volume_ml_WT"]) > 0 for r in volumes)
+    refused = CliRunner().invoke(main, ["compare", str(small_artifact), "--out", str(compared.parent / "none"),
+                                        "--report"])
+    assert refused.exit_code == 1 and "give --volumes" in refused.output and not (compared.parent / "none").exists()
 
 
 def test_compare_reuses_only_runs_of_the_same_file(compared: Path, small_artifact: Path, tmp_path: Path) -> None:

@@ -11,50 +11,14 @@ import json
 import re
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import one_error_line, trainer_cli, writable_copy
+from conftest import ReportPage, one_error_line, trainer_cli, writable_copy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-class Page(HTMLParser):
-    """The rows of the patient table, the pictures and every address the page names."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[list[str]] = []
-        self.images: list[str] = []
-        self.addresses: list[str] = []
-        self._cell: list[str] | None = None
-        self._in_body = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        found = dict(attrs)
-        if tag == "tbody":
-            self._in_body = True
-        elif tag == "tr" and self._in_body:
-            self.rows.append([])
-        elif tag == "td" and self._in_body:
-            self._cell = []
-        elif tag == "img":
-            self.images.append(found.get("src") or "")
-        self.addresses += [v for k, v in attrs if k in ("src", "href") and v]
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "td" and self._cell is not None:
-            self.rows[-1].append("".join(self._cell))
-            self._cell = None
-        elif tag == "tbody":
-            self._in_body = False
-
-    def handle_data(self, data: str) -> None:
-        if self._cell is not None:
-            self._cell.append(data)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +30,7 @@ def report(small_run: Path, small_cases: Path, tmp_path_factory: pytest.TempPath
 
 
 def test_the_report_holds_every_patient_and_needs_nothing_outside(report: Path) -> None:
-    page = Page()
+    page = ReportPage()
     page.feed(report.read_text())
     with open(report.with_suffix(".csv")) as handle:
         scored = {row["case_id"]: row for row in csv.DictReader(handle)}

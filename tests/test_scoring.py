@@ -181,6 +181,11 @@ def test_uncertainty_is_the_normalised_entropy_of_each_task() -> None:
     sigmoids = np.array([[1.0, 0.5, 0.9], [0.0, 0.5, 0.9], [1.0, 0.5, 0.5]])
     binary_09 = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)) / np.log(2)
     np.testing.assert_allclose(uncertainty(sigmoids, "regions"), [0.0, 1.0, (2 * binary_09 + 1) / 3], atol=1e-5)
+    # float16, as inference hands probabilities on (its sure voxels found on the bits): the same within its precision
+    for probs, task in ((softmax, "multiclass"), (sigmoids, "regions")):
+        np.testing.assert_allclose(uncertainty(probs.astype(np.float16), task), uncertainty(probs, task), atol=1e-3)
+    near = np.array([[0.0, 6e-8, 0.9995, 1.0]], dtype=np.float16)  # the smallest float16 above 0, the largest below 1
+    assert (uncertainty(near, "regions") > 0).tolist() == [False, True, True, False]
 
 
 def test_the_dice_of_uncertain_voxels_holds_the_errors_placed_there() -> None:
