@@ -134,6 +134,7 @@ cases, each with its four MRI modalities ({modalities}) and its label map (0 bac
 ```bash
 pip install 'brats2d[all]'
 brats-train fit {address} --modality all       # fetched once, checked against {artifact.name}.sha256
+brats-train fit {address} --stream --modality all --workers 8   # read in place by range requests
 sha256sum -c {artifact.name}.sha256                  # a downloaded copy, by hand
 ```
 

@@ -1,26 +1,34 @@
 """Artifacts by address: DATA given as ``https://``, ``s3://``, ``hf://`` or any fsspec URL is fetched once into a
-local cache, verified against the SHA-256 its publisher gave, and read from there as a local file.
+local cache, verified against the SHA-256 its publisher gave, and read from there as a local file; or, with
+``--stream``, read in place by range requests (``open_h5``), for files larger than the disk.
 
 The SHA-256 comes from the address (``...file.h5#sha256=<64 hex digits>``) or, without one, from a sidecar the
 publisher put beside the file (``file.h5.sha256``, as ``sha256sum`` writes it). A cache entry is used only while it
 is the file that was verified (its size and modification time as recorded then; a changed entry is hashed again and,
 if it fails, fetched again); a download is written under a partial name and renamed only once its bytes check, so a
-cut connection or a wrong checksum leaves nothing in the cache. fsspec and the protocol packages are the optional
-extra ``brats2d[remote]``; nothing here imports them until an address is given.
+cut connection or a wrong checksum leaves nothing in the cache. A streamed file is never hashed whole (that would
+read every byte): its metadata and every chunk carry HDF5 checksums, checked as they are read, and runs record the
+publisher's SHA-256 as given. fsspec and the protocol packages are the optional extra ``brats2d[remote]``; nothing
+here imports them until an address is given.
 """
 
 from __future__ import annotations
 
+import atexit
+import io
 import json
 import os
 import re
 import sys
 import uuid
+import weakref
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
+import h5py
 
 from builder.format import file_sha256
 
@@ -29,6 +37,15 @@ SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 FRAGMENT = re.compile(r"#sha256=([0-9a-fA-F]{64})$")
 CACHE_VARIABLE = "BRATS2D_CACHE"
 EXTRA = "pip install 'brats2d[remote]'"
+#: What a streamed read asks for at a time (one range request) and keeps, per handle: about three rows of the recipe's
+#: file (each row's chunks lie together: builder.writer), or its metadata (builder.writer.META_BLOCK). 1 MiB took 1.2
+#: requests a row; 512 KiB more requests for fewer bytes (benchmarks/bench_remote.py).
+STREAM_BLOCK = 1 << 20
+STREAM_BLOCKS_KEPT = 64
+#: Seconds a streamed read may wait for the server (connect, then each read) before it fails in one line.
+STREAM_TIMEOUT_S = 60.0
+#: ``ctx.meta`` key set by a command's ``--stream`` (eager, so that DATA is converted knowing it).
+STREAM_KEY = "brats2d.stream"
 
 
 class RemoteError(click.ClickException):
@@ -209,6 +226,144 @@ def _remove(path: Path) -> None:
             pass
 
 
+def stream_address(text: str) -> str:
+    """The address to stream, pinned to the SHA-256 its publisher gave (the fragment, or the sidecar), and checked to
+    be reachable; nothing is downloaded."""
+    address = Address.parse(text)
+    filesystem, remote_path = _filesystem(address.url)
+    expected = address.sha256 or _sidecar_sha256(filesystem, remote_path, address)
+    remote_stamp(address.pinned(expected))
+    return address.pinned(expected)
+
+
+def address_sha256(text: str) -> str | None:
+    """The SHA-256 an address is pinned to (``#sha256=``), if any."""
+    return Address.parse(text).sha256
+
+
+def _stream_filesystem(address: Address) -> tuple[Any, str]:
+    """The filesystem of a streamed address, with bounded waits where the protocol takes them (http, https)."""
+    found = _filesystem(address.url)  # fsspec and the protocol's package are there (or one line says what to install)
+    if SCHEME.match(address.url).group(1) not in ("http", "https"):  # type: ignore[union-attr]
+        return found
+    import aiohttp
+    import fsspec
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=STREAM_TIMEOUT_S, sock_read=STREAM_TIMEOUT_S)
+    return fsspec.core.url_to_fs(address.url, client_kwargs={"timeout": timeout})
+
+
+def remote_stamp(text: str) -> tuple[int, int, int, int]:
+    """What changes when the file at an address is replaced: its size and its ETag (or checksum), as the server
+    gives them; the shape of ``trainer.data.artifact.file_stamp``."""
+    address = Address.parse(text)
+    filesystem, remote_path = _stream_filesystem(address)
+    try:
+        info = filesystem.info(remote_path)
+    except FileNotFoundError:
+        raise RemoteError(f"{address.url}: not found there (404 or no such object); check the address") from None
+    except Exception as error:  # noqa: BLE001
+        raise _unreachable(address.url, error) from None
+    tag = next((str(info[k]) for k in ("ETag", "etag", "Content-MD5", "Digest", "LastModified") if info.get(k)), "")
+    return 0, 0, int(info.get("size") or 0), zlib.crc32(tag.encode())
+
+
+_streamed: weakref.WeakSet[h5py.File] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_streamed() -> None:
+    """HDF5 crashes at interpreter exit on a file still open over a Python file object: close them first."""
+    for handle in list(_streamed):
+        handle.close()
+
+
+def open_h5(location: str | Path, **options: Any) -> h5py.File:
+    """An artifact opened read-only: a local file, or an address read in place by range requests (this process's
+    own handle: each DataLoader worker opens its own). ``options`` go to ``h5py.File``."""
+    if not is_address(str(location)):
+        return h5py.File(location, "r", **options)
+    address = Address.parse(str(location))
+    filesystem, remote_path = _stream_filesystem(address)
+    try:
+        handle = StreamedFile(filesystem.open(remote_path, "rb", block_size=STREAM_BLOCK, cache_type="blockcache",
+                                              cache_options={"maxblocks": STREAM_BLOCKS_KEPT}), address.url)
+    except FileNotFoundError:
+        raise RemoteError(f"{address.url}: not found there (404 or no such object); check the address") from None
+    except Exception as error:  # noqa: BLE001
+        raise _unreachable(address.url, error) from None
+    try:
+        opened = h5py.File(handle, "r", **options)
+    except RemoteError:
+        handle.close()
+        raise
+    except OSError as error:
+        handle.close()
+        raise RemoteError(f"{address.url}: not an HDF5 file ({_reason(error)}); check the address") from None
+    _streamed.add(opened)
+    return opened
+
+
+def stream_failure(url: str, error: BaseException) -> RemoteError:
+    """A streamed read that failed (no range support, a dropped connection, a timeout, a server gone): one line."""
+    if "range requests" in str(error).lower():  # fsspec: "The HTTP server doesn't appear to support range requests"
+        return RemoteError(f"{url}: the server does not answer range requests, which --stream needs; drop --stream "
+                           "to fetch the file once")
+    return RemoteError(f"{url}: a read failed ({_reason(error)}); the connection dropped or timed out: run again "
+                       "(fit --resume RUN continues a run), or drop --stream to fetch the file once")
+
+
+class StreamedFile(io.RawIOBase):
+    """The remote file h5py reads (fsspec's, by range requests), with whatever the protocol raises said as one line
+    (``stream_failure``): h5py hands a file object's exception on as it is, wherever the read happened."""
+
+    def __init__(self, handle: Any, url: str) -> None:
+        super().__init__()
+        self._handle, self.url = handle, url
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._call(self._handle.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._call(self._handle.read, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
+
+    def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except Exception as error:  # noqa: BLE001  (aiohttp's, fsspec's, a socket's: one line)
+            raise stream_failure(self.url, error) from None
+
+
+def stream_option(command: Any) -> Any:
+    """``--stream``: DATA given as an address is read in place instead of fetched (eager, so that DATA's conversion
+    knows; kept in ``ctx.meta``, not handed to the command)."""
+    def remember(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.meta[STREAM_KEY] = True
+        return value
+
+    return click.option("--stream", is_flag=True, is_eager=True, expose_value=False, callback=remember,
+                        help="With DATA given as an address: read it in place by range requests (each DataLoader "
+                             "worker its own connection) instead of fetching it once into the cache, for a file "
+                             "larger than the disk. Chunks and metadata are checked by their HDF5 checksums as read; "
+                             "the whole file is never hashed.")(command)
+
+
 class ArtifactFile(click.ParamType):
     """A DATA argument: a local .h5 path, or an address fetched into the cache (the command gets the local path;
     ``pinned`` maps it back to the address, for runs to record)."""
@@ -217,22 +372,28 @@ class ArtifactFile(click.ParamType):
     #: local copy -> the address it was fetched from, pinned to its SHA-256 (per process: the command's arguments).
     pinned: dict[Path, str] = {}
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
         if isinstance(value, Path) or not is_address(value):
             return Path(value)
+        if ctx is not None and ctx.meta.get(STREAM_KEY):
+            return stream_address(value)  # the address itself, pinned: read in place
         local, pinned = local_copy(value)
         ArtifactFile.pinned[local] = pinned
         return local
 
 
 def address_of(path: Path | str) -> str | None:
-    """The address a local copy was fetched from in this process (pinned to its SHA-256), else None."""
+    """The address DATA came from (pinned to its SHA-256): a streamed address itself, or the address a local copy
+    was fetched from in this process; else None."""
+    if is_address(str(path)):
+        return str(path)
     return ArtifactFile.pinned.get(Path(path))
 
 
 def run_data(data: str, address: str | None) -> str:
-    """A run's artifact: the local file it recorded, else its recorded address fetched again (another machine, a
-    cleared cache), checked against the SHA-256 the run recorded with it."""
-    if address is None or Path(data).is_file():
+    """A run's artifact: the local file it recorded, the address it streamed from (streamed again), else its
+    recorded address fetched again (another machine, a cleared cache), checked against the SHA-256 the run recorded
+    with it."""
+    if address is None or is_address(data) or Path(data).is_file():
         return data
     return str(local_copy(address)[0])

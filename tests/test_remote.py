@@ -1,5 +1,6 @@
 """Artifacts by address (builder.remote) against a local HTTP server the tests start: the same results as the local
-file, one download per file, a damaged cache entry fetched again, and every fault one line leaving nothing behind.
+file, one download per file, a damaged cache entry fetched again, every fault one line leaving nothing behind; and
+streamed (--stream): the same run read in place by range requests, nothing downloaded.
 
 Code paths: http:// goes through fsspec's HTTPFileSystem (aiohttp), as https:// does; memory:// through fsspec's
 generic filesystem interface, the path s3:// (s3fs) and hf:// (huggingface_hub) take; those two need the network
@@ -12,87 +13,26 @@ import hashlib
 import json
 import shutil
 import socket
-import threading
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from ranged_server import Server, serving
 
 from conftest import FAST, builder_cli, one_error_line, trainer_cli
-
-
-@dataclass
-class Server:
-    url: str
-    files: dict[str, bytes]
-    truncated: set[str]
-    gets: Counter
-
-    def address(self, name: str, sha256: str | None = None) -> str:
-        return f"{self.url}/{name}" + (f"#sha256={sha256}" if sha256 else "")
-
-
-def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:  # quiet
-            pass
-
-        def _body(self) -> bytes | None:
-            body = server.files.get(self.path.lstrip("/"))
-            if body is None:
-                self.send_error(404)
-            return body
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            body = self._body()
-            if body is not None:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Accept-Ranges", "bytes")
-                self.end_headers()
-
-        def do_GET(self) -> None:  # noqa: N802
-            body = self._body()
-            if body is None:
-                return
-            server.gets[self.path.lstrip("/")] += 1
-            start, end = 0, len(body)
-            if "Range" in self.headers:
-                first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
-                start, end = int(first), min(len(body), int(last) + 1 if last else len(body))
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
-            else:
-                self.send_response(200)
-            self.send_header("Content-Length", str(end - start))
-            self.end_headers()
-            if self.path.lstrip("/") in server.truncated:  # half the body, then the connection drops
-                self.wfile.write(body[start : start + (end - start) // 2])
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            self.wfile.write(body[start:end])
-
-    return Handler
 
 
 @pytest.fixture(scope="module")
 def server(small_artifact: Path) -> Iterator[Server]:
     data = small_artifact.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
-    state = Server("", {"small.h5": data, "small.h5.sha256": f"{sha256}  small.h5\n".encode(), "cut.h5": data,
-                        "nosidecar.h5": data, "bad.h5": data, "bad.h5.sha256": b"not a digest\n"}, {"cut.h5"},
-                   Counter())
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    httpd.shutdown()
+    with serving({"small.h5": data, "small.h5.sha256": f"{sha256}  small.h5\n".encode(), "cut.h5": data,
+                  "nosidecar.h5": data, "bad.h5": data, "bad.h5.sha256": b"not a digest\n", "noranges.h5": data,
+                  "stalls.h5": data}) as state:
+        state.truncated.add("cut.h5")
+        state.no_ranges.add("noranges.h5")
+        yield state
 
 
 @pytest.fixture
@@ -229,3 +169,63 @@ def test_a_published_folder_is_what_an_address_needs(server: Server, small_artif
     broken.write_bytes(small_artifact.read_bytes()[:4096])
     assert "broken.h5" in one_error_line(builder_cli("publish", broken, tmp_path / "never"))
     assert not (tmp_path / "never").exists()
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "best.pt", weights_only=True)["model"]
+
+
+def test_a_streamed_run_equals_the_local_one_and_downloads_nothing(server: Server, small_artifact: Path, cache: Path,
+                                                                   tmp_path: Path) -> None:
+    """fit --stream with two DataLoader workers (each its own connection) trains the same weights as the local file
+    with none; its run records the address, and evaluate and --resume stream it again; nothing enters the cache."""
+    address = server.address("small.h5", _sha256(small_artifact))
+    args = ["-m", "t1n", *FAST, "--epochs", "1", "--max-steps", "2", "--keep-last"]
+    local = trainer_cli("fit", small_artifact, *args, "--out", tmp_path / "local")
+    before = server.gets["small.h5"]
+    streamed = trainer_cli("fit", address, "--stream", *args, "--workers", "2", "--out", tmp_path / "streamed")
+    assert local.exit_code == 0 and streamed.exit_code == 0, streamed.output
+    runs = {name: next((tmp_path / name).iterdir()) for name in ("local", "streamed")}
+    assert all(torch.equal(_weights(runs["streamed"])[k], v) for k, v in _weights(runs["local"]).items())
+    assert server.gets["small.h5"] - before > 3  # range requests, from the main process and both workers
+    config = json.loads((runs["streamed"] / "config.json").read_text())
+    assert config["data"] == config["data_url"] == address and config["data_sha256"] == _sha256(small_artifact)
+    evaluated = trainer_cli("evaluate", runs["streamed"], "--device", "cpu")
+    assert evaluated.exit_code == 0, evaluated.output
+    resumed = trainer_cli("fit", "--resume", runs["streamed"], "--epochs", "2", "--workers", "0")
+    assert resumed.exit_code == 0, resumed.output
+    assert _files(cache) == []
+
+
+@pytest.mark.parametrize(("fault", "said"), [("noranges.h5", "does not answer range requests"),
+                                             ("cut.h5", "drop --stream")])
+def test_each_streaming_fault_is_one_line(server: Server, small_artifact: Path, cache: Path, tmp_path: Path,
+                                          fault: str, said: str) -> None:
+    """A server without range support and a body cut short each end the run in one line naming the address, and
+    nothing enters the cache."""
+    address = server.address(fault, _sha256(small_artifact))
+    result = trainer_cli("fit", address, "--stream", "-m", "t1n", *FAST, "--epochs", "1", "--out", tmp_path / "runs")
+    line = one_error_line(result)
+    assert said in line and address.split("#")[0] in line, result.output
+    assert _files(cache) == []
+
+
+def test_a_read_that_stalls_mid_epoch_is_one_line(server: Server, small_artifact: Path, cache: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that reads in 64 KiB blocks is counted once whole; then the same run meets a server that stops
+    answering half-way through those requests (the file long opened, training under way) and, its wait cut to a
+    second here (60 s by default), ends in one line; the run folder keeps the epochs it finished."""
+    import builder.remote
+
+    monkeypatch.setattr(builder.remote, "STREAM_BLOCK", 64 << 10)
+    monkeypatch.setattr(builder.remote, "STREAM_TIMEOUT_S", 1.0)
+    address = server.address("stalls.h5", _sha256(small_artifact))
+    args = ["fit", address, "--stream", "-m", "t1n", *FAST, "--epochs", "2"]
+    before = server.gets["stalls.h5"]
+    assert trainer_cli(*args, "--out", tmp_path / "whole").exit_code == 0
+    whole = server.gets["stalls.h5"] - before
+    assert whole > 20  # requests all along the run, not just to open it
+    server.stall, server.stalled["stalls.h5"] = 3.0, server.gets["stalls.h5"] + whole // 2
+    line = one_error_line(trainer_cli(*args, "--out", tmp_path / "stalled"))
+    assert "a read failed" in line and "timed out" in line and address.split("#")[0] in line
+    assert _files(cache) == []

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 from builder import __version__
 from builder.console import Commands, standard_output_failed
 from builder.format import MODALITIES, MODALITY_ALIASES, REGIONS
-from builder.remote import ArtifactFile, address_of, run_data
+from builder.remote import ArtifactFile, RemoteError, address_of, is_address, run_data, stream_option
 from trainer.config import CACHES, LOSSES, MAX_FOLDS, NORMALISATIONS, SCHEDULES, FitConfig
 from trainer.errors import USER_ERRORS, CommandError
 from trainer.inference.options import VolumeOptions
@@ -32,7 +32,7 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (*USER_ERRORS, ValueError) as error:
+        except (*USER_ERRORS, RemoteError, ValueError) as error:  # RemoteError: a streamed read, maybe in a worker
             raise click.ClickException(_last_line(error)) from None
         except (MemoryError, RuntimeError) as error:
             if not out_of_memory(error):
@@ -161,7 +161,7 @@ def config_values(options: dict[str, Any]) -> dict[str, Any]:
     if "clip_grad" in values:
         values["clip_grad"] = values["clip_grad"] or None
     for path in ("data", "out"):
-        if values.get(path) is not None:
+        if values.get(path) is not None and not is_address(str(values[path])):  # an address streamed stays as given
             values[path] = str(Path(values[path]).resolve())
     return values
 
@@ -175,8 +175,9 @@ def data_fields(data: Path | None, saved: dict[str, Any]) -> dict[str, Any]:
     """Where a run made from saved options reads: DATA if given (and the address it was fetched from), else the saved
     file, fetched again from its recorded address when the local copy is gone."""
     if data:
-        return {"data": str(Path(data).resolve()), "data_url": address_of(data)}
-    return {"data": str(Path(run_data(saved["data"], saved.get("data_url"))).resolve())}
+        return {"data": str(data) if is_address(str(data)) else str(Path(data).resolve()), "data_url": address_of(data)}
+    found = run_data(saved["data"], saved.get("data_url"))
+    return {"data": found if is_address(found) else str(Path(found).resolve())}
 
 
 #: Options a resumed run may take anew: how long it trains (extending it), and where it runs.
@@ -225,6 +226,7 @@ def config_from_file(path: Path, data: Path | None, options: dict[str, Any]) -> 
 
 @main.command()
 @click.argument("data", type=ArtifactFile(), required=False)
+@stream_option
 @click.option("--modality", "-m", type=click.Choice(MODALITY_CHOICES, case_sensitive=False), required=False,
               default=None, help="t1n, t1c, t2w, t2f (or t1, t1ce/t1gd, t2, flair), or all (early fusion).")
 @fit_options
@@ -304,6 +306,7 @@ def format_scores(scores: dict[str, Any], regions: tuple[str, ...] = tuple(REGIO
 @main.command(name="evaluate")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@stream_option
 @click.option("--data", default=None, type=ArtifactFile(),
               help="The run's .h5 file if it moved, or its address (checked by its build id: a rebuilt file is "
                    "refused).")
@@ -372,6 +375,7 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
 
 @main.command()
 @click.argument("data", type=ArtifactFile())
+@stream_option
 @fit_options
 @click.option("--out", default=Path("runs/compare"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--reuse", is_flag=True, help="Keep runs already finished in --out instead of training them again.")
@@ -382,20 +386,25 @@ def evaluate_command(run_dir: Path, split: str, data: Path | None, other_data: b
 @click.option("--volume-cases", default=None, type=click.IntRange(1),
               help="With --volumes: score only the first N test cases (said in the table).")
 @volume_options("tta", "clean")
+@click.option("--report", "with_report", is_flag=True,
+              help="With --volumes: also write comparison_volumes.html, one self-contained page to open offline "
+                   "(as `evaluate --report`: the approaches' scores, every patient's table, the worst first with "
+                   "three views of each approach's mask beside the truth, the definitions).")
 @one_line_errors
 def compare(data: Path, out: Path, reuse: bool, volumes_dir: Path | None, volume_cases: int | None,
-            volume: VolumeOptions, **options: Any) -> None:
+            volume: VolumeOptions, with_report: bool, **options: Any) -> None:
     """Train t1n, t1c, t2w, t2f and all four (early fusion) alike, fuse the four late (vote and mean),
     and score all seven on the test split: comparison.md/.csv/.png/.gif in --out (with --volumes, also
-    comparison_volumes.csv/.json, the whole-volume scores per patient)."""
+    comparison_volumes.csv/.json, the whole-volume scores per patient, and with --report their HTML page)."""
     from trainer.commands.compare import compare as run_compare
 
     run_compare(make_config(data, "all", out, **options), out, reuse, volumes_dir=volumes_dir, volume_cases=volume_cases,
-                options=volume)
+                options=volume, with_report=with_report)
 
 
 @main.command(name="cross-validate")
 @click.argument("data", type=ArtifactFile())
+@stream_option
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(2, MAX_FOLDS),
               help="Folds over the train and val patients (stable keyed ranks; the test patients never enter).")
 @click.option("--modality", "-m", type=click.Choice(MODALITY_CHOICES, case_sensitive=False), default="all",

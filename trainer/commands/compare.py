@@ -9,12 +9,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
+from builder import __version__
 from builder.format import MODALITIES
+from builder.remote import open_h5
 from trainer.commands.evaluate import evaluate_rows
+from trainer.commands.report import REPORT_MODALITY, CaseViews, volumes_ml, write_report
 from trainer.commands.tables import VOLUME_DEFINITION, VolumeResults, cases_for, per_case, scorable
 from trainer.config import FitConfig
 from trainer.data.artifact import Artifact
@@ -36,6 +38,8 @@ LABELS = {"t1n": "T1 native", "t1c": "T1 contrast", "t2w": "T2", "t2f": "FLAIR",
           "vote": "late fusion, vote", "mean": "late fusion, mean softmax"}
 #: The whole-volume score that ranks the approaches: BraTS 2023 lesion-wise Dice, averaged over the regions.
 RANKING = "lesion_dice"
+RANKED_BY = ("Approaches are ranked by lesion-wise Dice averaged over the regions; the difference from the best is "
+             "paired, over the same patients.")
 
 
 @dataclass
@@ -78,10 +82,14 @@ def _run_summary(run_dir: Path) -> tuple[float, float]:
 
 
 def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, volumes_dir: Path | None = None,
-            volume_cases: int | None = None, options: VolumeOptions = VolumeOptions()) -> Path:
+            volume_cases: int | None = None, options: VolumeOptions = VolumeOptions(), with_report: bool = False
+            ) -> Path:
     """Train, fuse, score; writes comparison.{csv,md,png,gif} and comparison_cases.csv in ``out`` (and, with
     ``volumes_dir``, comparison_volumes.{csv,json} with a whole-volume table in comparison.md, mirrored and cleaned
-    up as ``options`` say, on ``base.device`` where the runs trained)."""
+    up as ``options`` say, on ``base.device`` where the runs trained; with ``with_report`` also
+    comparison_volumes.html: trainer.commands.report, every approach's masks side by side)."""
+    if with_report and volumes_dir is None:
+        raise CommandError("--report shows the approaches' masks of whole volumes: give --volumes DIR")
     out.mkdir(parents=True, exist_ok=True)
     artifact = Artifact.open(base.data)
     artifact.require(MODALITIES)
@@ -91,7 +99,7 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, v
     runs = fit_each({approach: replace(base, modality=approach, name=approach) for approach in APPROACHES}, artifact,
                     out, reuse)
     device = resolve_device(base.device)
-    with h5py.File(artifact.path, "r") as f:
+    with open_h5(artifact.path) as f:
         seg = np.stack([f["seg"][int(r)] for r in rows])
     members = {approach: Member.load(run_dir, "best.pt", device) for approach, run_dir in runs.items()}  # once each
     outcomes: dict[str, Outcome] = {}
@@ -111,7 +119,7 @@ def compare(base: FitConfig, out: Path, reuse: bool = False, workers: int = 0, v
                                     config, artifact)
     table = _write_tables(outcomes, out, MODALITIES[best], len(rows))
     if volumes_dir is not None:
-        table += "\n" + compare_volumes(members, artifact, volumes_dir, best, out, volume_cases, options)
+        table += "\n" + compare_volumes(members, artifact, volumes_dir, best, out, volume_cases, options, with_report)
     write_text(out / "comparison.md", table)
     from trainer.training.plots import plot_comparison
 
@@ -181,9 +189,10 @@ def _approach_volumes(segmenters: dict[str, Segmenter], volumes: CaseVolumes, be
 
 
 def compare_volumes(members: dict[str, Member], artifact: Artifact, volumes_dir: Path, best: int, out: Path,
-                    limit: int | None, options: VolumeOptions) -> str:
+                    limit: int | None, options: VolumeOptions, with_report: bool = False) -> str:
     """Score every approach on whole test volumes (each case's four modalities read once, the fused approaches
-    cleaned up like the others); write comparison_volumes.{csv,json}; return a Markdown table."""
+    cleaned up like the others); write comparison_volumes.{csv,json} (and, ``with_report``, .html); return a
+    Markdown table."""
     config = members["all"].config
     device = resolve_device(config.device)
     segmenters = {name: Segmenter.of([member], device, options.tta, clean=False) for name, member in members.items()}
@@ -193,10 +202,22 @@ def compare_volumes(members: dict[str, Member], artifact: Artifact, volumes_dir:
     cases, skipped = cases_for(volumes_dir, chosen)
     results = {name: VolumeResults() for name in LABELS}
     geometry = Geometry.of(config)
+    views: dict[str, CaseViews] = {}
+    started, reporting = time.perf_counter(), 0.0
     for volumes in scorable(cases, lambda case: read_case(case, MODALITIES, geometry), skipped, "test volumes"):
-        for name, labels in _approach_volumes(segmenters, volumes, best, config.task).items():
-            cleaned = labels if rule is None else clean_up(labels, rule)
-            results[name].rows.append({"case_id": volumes.case_id, **score(cleaned, volumes, config.task)})
+        masks = {name: labels if rule is None else clean_up(labels, rule)
+                 for name, labels in _approach_volumes(segmenters, volumes, best, config.task).items()}
+        for name, labels in masks.items():
+            results[name].rows.append({"case_id": volumes.case_id, **score(labels, volumes, config.task)})
+        if with_report:
+            begun = time.perf_counter()
+            assert volumes.truth is not None
+            for name, labels in masks.items():
+                results[name].rows[-1] |= volumes_ml(volumes.truth, labels, volumes.spacing)
+            views[volumes.case_id] = CaseViews.compared(volumes.case_id,
+                                                        volumes.images[MODALITIES.index(REPORT_MODALITY)],
+                                                        volumes.truth, masks, geometry.axis_codes)
+            reporting += time.perf_counter() - begun
     if not any(r.rows for r in results.values()):
         raise CommandError(f"{volumes_dir}: no test case could be scored (first problem: "
                        f"{skipped[0]['reason'] if skipped else 'the test split is empty'})")
@@ -207,13 +228,40 @@ def compare_volumes(members: dict[str, Member], artifact: Artifact, volumes_dir:
     ids = [row["case_id"] for row in results[leader].rows]
     summary = {name: {"metrics": res.summary(), f"{RANKING}_mean_minus_{leader}": paired_difference(ids, ranking[name], ranking[leader])}
                for name, res in results.items()}
-    write_csv(out / "comparison_volumes.csv", [{"approach": name, **row} for name, res in results.items() for row in res.rows])
+    rows = [{"approach": name, **row} for name, res in results.items() for row in res.rows]
     subset = f"the first {len(chosen)} of {len(wanted)} test cases" if len(chosen) < len(wanted) else f"all {len(wanted)} test cases"
-    write_json(out / "comparison_volumes.json", {"cases": subset, "cases_scored": len(ids), "skipped": skipped,
-                                                 "clean_up": None if rule is None else rule.describe(),
-                                                 "test_time_mirroring": options.tta,
-                                                 "definition": VOLUME_DEFINITION, "best": leader, "approaches": summary})
-    return _volume_table(summary, regions, leader, subset, len(ids), skipped, rule)
+    report = {"cases": subset, "cases_scored": len(ids), "skipped": skipped,
+              "clean_up": None if rule is None else rule.describe(), "test_time_mirroring": options.tta,
+              "definition": VOLUME_DEFINITION, "best": leader, "approaches": summary}
+    table = _volume_table(summary, regions, leader, subset, len(ids), skipped, rule)
+    if with_report:
+        begun = time.perf_counter()
+        settings = {"runs": out, "approaches": ", ".join(f"{name}: {LABELS[name]}" for name in results),
+                    "data": artifact.path, "data SHA-256": config.data_sha256, "build id": config.data_id,
+                    "volumes": volumes_dir, "cases": subset, "mirroring": options.tta,
+                    "clean-up": report["clean_up"] or "off", "best": LABELS[leader], "brats2d": __version__}
+        write_report(out / "comparison_volumes.html", f"{out.name}: {len(ids)} whole test volumes, seven approaches",
+                     settings, rows, views, f"{VOLUME_DEFINITION}. {RANKED_BY}", overview=_overview(summary, regions,
+                                                                                                   leader))
+        reporting += time.perf_counter() - begun
+        report["report_seconds"] = round(reporting, 2)
+        report["evaluation_seconds"] = round(time.perf_counter() - started - reporting, 2)
+    write_csv(out / "comparison_volumes.csv", rows)
+    write_json(out / "comparison_volumes.json", report)
+    return table
+
+
+def _overview(summary: dict, regions: list[str], leader: str) -> list[dict[str, str]]:
+    """The report's table of approaches: mean scores over patients and the paired difference from the best."""
+    lines = []
+    for name, s in summary.items():
+        m, diff = s["metrics"], s[f"{RANKING}_mean_minus_{leader}"]
+        lines.append({"approach": LABELS[name],
+                      **{f"lesion-wise Dice {r}": f"{m[f'lesion_dice_{r}']['mean']:.3f}" for r in regions},
+                      **{f"Dice {r}": f"{m[f'dice_{r}']['mean']:.3f}" for r in regions},
+                      "false lesions per case and region": f"{np.mean([m[f'lesion_fp_{r}']['mean'] for r in regions]):.2f}",
+                      "vs the best": "best" if name == leader else f"{diff['mean']:+.3f}"})
+    return lines
 
 
 def _volume_table(summary: dict, regions: list[str], leader: str, subset: str, scored: int, skipped: list,

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter the builder compresses with)
 import numpy as np
 
@@ -33,15 +32,26 @@ from builder.format import (
     split_problem,
 )
 from builder.layout import patient_of
+from builder.remote import address_sha256, is_address, open_h5, remote_stamp
 from builder.split import fold_of
 from trainer.errors import ArtifactError
 
 FileStamp = tuple[int, int, int, int]
+#: Where an artifact is read from: a local file, or (``str``, ``builder.remote.is_address``) an address streamed.
+Location = Path | str
 
 
-def file_stamp(path: Path | str) -> FileStamp:
-    """Device, inode, size and modification time: they change when a build replaces or rewrites the file."""
-    status = os.stat(path)
+def location_of(data: Path | str) -> Location:
+    """DATA as a location: an address stays the text it is (a ``Path`` would fold its ``//``), else a path."""
+    return str(data) if is_address(str(data)) else Path(data)
+
+
+def file_stamp(location: Location) -> FileStamp:
+    """Device, inode, size and modification time (of an address: its size and ETag): they change when a build
+    replaces or rewrites the file."""
+    if is_address(str(location)):
+        return remote_stamp(str(location))
+    status = os.stat(location)
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
@@ -59,7 +69,7 @@ def label_error(path: Path | str, row: int, case_id: str, value: int) -> Artifac
 class Artifact:
     """What the trainer needs to know about an artifact, read once from its metadata."""
 
-    path: Path
+    path: Location
     modalities: tuple[str, ...]
     rows: int
     slice_shape: tuple[int, int]
@@ -79,12 +89,13 @@ class Artifact:
     @classmethod
     def open(cls, path: Path | str) -> Artifact:
         """Read the metadata and check it cheaply: required datasets, readable version, bounded attributes, and
-        splits that are sorted integer row numbers, disjoint and in range."""
-        path = Path(path)
-        if not path.is_file():
+        splits that are sorted integer row numbers, disjoint and in range. ``path`` may be an address to stream
+        (``builder.remote.open_h5``)."""
+        path = location_of(path)
+        if isinstance(path, Path) and not path.is_file():
             raise ArtifactError(f"{path}: no such file (build one with `make dataset` or `make demo`)")
         try:
-            f = h5py.File(path, "r")
+            f = open_h5(path)
         except OSError as error:
             if isinstance(error, PermissionError) or not os.access(path, os.R_OK):
                 raise ArtifactError(f"{path}: not readable by this user (permission denied); fix its permissions") from None
@@ -179,7 +190,10 @@ class Artifact:
                                                  "test": self.splits["test"]})
 
     def sha256(self) -> str:
-        """The file's SHA-256: the exact artifact a result came from (see ``brats-build info``)."""
+        """The file's SHA-256: the exact artifact a result came from (see ``brats-build info``); of a streamed
+        address, the one its publisher gave (hashing it would read every byte)."""
+        if isinstance(self.path, str):
+            return address_sha256(self.path) or ""
         return file_sha256(self.path)
 
     def cases_of(self, split: str) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc filter the builder compresses with)
@@ -19,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from builder.format import CASE_ID, CONTEXT_GROUP, LABELS, SEG
-from trainer.data.artifact import FileStamp, file_stamp, label_error, replaced
+from builder.remote import is_address, open_h5
+from trainer.data.artifact import FileStamp, Location, file_stamp, label_error, replaced
 from trainer.data.context import neighbours_kept, stack_context
 from trainer.errors import ArtifactError
 
@@ -35,9 +35,9 @@ class RowReader:
     replaced file stops instead of reading rows the run never chose. Every label read is checked to lie in 0..3.
     """
 
-    def __init__(self, path: Path | str, channels: Sequence[str], stamp: FileStamp | None = None, context: int = 0,
+    def __init__(self, path: Location, channels: Sequence[str], stamp: FileStamp | None = None, context: int = 0,
                  stored_context: int = 0) -> None:
-        self.path = str(path)
+        self.path = str(path)  # a local file, or an address read in place by range requests (builder.remote.open_h5)
         self.channels = tuple(channels)
         self.stamp = stamp
         self.context = context
@@ -48,7 +48,7 @@ class RowReader:
     def _open(self) -> dict[str, h5py.Dataset]:
         if self._datasets is None or self._pid != os.getpid():  # a forked worker must not share the parent's handle
             # rdcc_nbytes=0: each row is one whole chunk, so a chunk cache only costs copies and memory.
-            f = h5py.File(self.path, "r", rdcc_nbytes=0)
+            f = open_h5(self.path, rdcc_nbytes=0)
             if self.stamp is not None and file_stamp(self.path) != self.stamp:
                 f.close()
                 raise replaced(self.path)
@@ -65,7 +65,7 @@ class RowReader:
                 neighbours = np.stack([datasets[f"{CONTEXT_GROUP}/{c}"][row][self.kept] for c in self.channels])
                 image = stack_context(image, neighbours, self.context)
             labels = datasets[SEG][row]
-        except OSError as error:  # h5py's words name neither the file nor the cause
+        except OSError as error:  # h5py's words name neither the file nor the cause (streamed: builder.remote's do)
             raise self._failed(row, error) from None
         if image.dtype in _TORCH_UNSUPPORTED:
             image = image.astype(np.float32)
@@ -137,8 +137,12 @@ def make_loader(dataset: SliceDataset, batch_size: int, train: bool, workers: in
     """A DataLoader over ``dataset`` with ``make_sampler``'s order.
 
     Training drops the last incomplete batch (a different few rows each epoch): one batch shape means no
-    recompilation under torch.compile and no BatchNorm step on a batch of one.
+    recompilation under torch.compile and no BatchNorm step on a batch of one. Workers of a streamed file are
+    spawned, not forked: a forked worker shares the parent's asyncio epoll instance (fsspec's event loop), and when
+    it drops its copy of the loop it unregisters the parent's wake-up pipe, leaving the parent's next request
+    waiting for a timer (60 s here, measured).
     """
+    streamed = workers > 0 and is_address(dataset.reader.path)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -148,6 +152,7 @@ def make_loader(dataset: SliceDataset, batch_size: int, train: bool, workers: in
         drop_last=train,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context="spawn" if streamed else None,
     )
 
 
@@ -181,7 +186,7 @@ class DeviceCache:
             yield self.images[on_device], self.labels[on_device], self.rows[index]
 
     @staticmethod
-    def nbytes(path: Path, rows: int, channels: Sequence[str], context: int = 0) -> int:
-        with h5py.File(path, "r") as f:
+    def nbytes(path: Location, rows: int, channels: Sequence[str], context: int = 0) -> int:
+        with open_h5(path) as f:
             per_row = sum(f[c].dtype.itemsize for c in channels) * (2 * context + 1) + 1
             return rows * per_row * int(np.prod(f[SEG].shape[1:]))

@@ -380,7 +380,7 @@ def _announce(config: FitConfig, artifact: Artifact, record: Record, world: Worl
               device: torch.device) -> None:
     """config.json (every option, absolute paths, the data's provenance) and the run's first line."""
     config_json = {**config.to_dict(), "brats2d_version": __version__,
-                   "artifact": {"path": str(artifact.path.resolve()), "rows": artifact.rows, **artifact.provenance},
+                   "artifact": {"path": str(artifact.path.resolve() if isinstance(artifact.path, Path) else artifact.path), "rows": artifact.rows, **artifact.provenance},
                    "world_size": world.size}
     write_text(record.run_dir / CONFIG_FILE, json.dumps(config_json, indent=2, default=str))
     if config.crop and config.crop >= min(artifact.slice_shape):

@@ -88,13 +88,12 @@ def panel_grid(rows: int, columns: int, width: float, height: float, top: float 
 
 def sample_positions(artifact, split: str, count: int) -> list[int]:
     """Positions within ``split``'s rows of different patients' most tumour-laden rows, most tumour first."""
-    import h5py
-
     from builder.layout import patient_of
+    from builder.remote import open_h5
 
     rows = artifact.splits[split]
     best: dict[str, tuple[int, int]] = {}
-    with h5py.File(artifact.path, "r") as f:
+    with open_h5(artifact.path) as f:
         for position, row in enumerate(rows):
             tumour = int(np.count_nonzero(f["seg"][int(row)]))
             patient = patient_of(str(artifact.case_ids[row]))
@@ -178,14 +177,14 @@ def plot_comparison(artifact, rows: np.ndarray, seg: np.ndarray, predicted: dict
                     out: Path, names: dict[str, str], cases_in_png: int = 4, frames: int = 24) -> None:
     """comparison.png (a few test cases, every approach) and comparison.gif (one test case per frame): the four
     input modalities, the truth, then each approach's prediction with its Dice on that slice."""
-    import h5py
     from PIL import Image
 
     from builder.format import MODALITIES
+    from builder.remote import open_h5
 
     shown = sample_positions(artifact, "test", frames)  # different patients, their most tumour-laden rows
     rows, seg = rows[shown], seg[shown]
-    with h5py.File(artifact.path, "r") as f:
+    with open_h5(artifact.path) as f:
         images = [{m: f[m][int(row)] for m in MODALITIES} for row in rows]
     labels = {name: classes(p[shown].float(), task).numpy() for name, p in predicted.items()}
     truth = seg if task != "binary" else (seg > 0).astype(np.uint8)
