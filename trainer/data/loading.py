@@ -8,6 +8,7 @@ normalisation happen on the device (``trainer.data.transforms``), where they are
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 
@@ -137,10 +138,8 @@ def make_loader(dataset: SliceDataset, batch_size: int, train: bool, workers: in
     """A DataLoader over ``dataset`` with ``make_sampler``'s order.
 
     Training drops the last incomplete batch (a different few rows each epoch): one batch shape means no
-    recompilation under torch.compile and no BatchNorm step on a batch of one. Workers of a streamed file are
-    spawned, not forked: a forked worker shares the parent's asyncio epoll instance (fsspec's event loop), and when
-    it drops its copy of the loop it unregisters the parent's wake-up pipe, leaving the parent's next request
-    waiting for a timer (60 s here, measured).
+    recompilation under torch.compile and no BatchNorm step on a batch of one. Workers of a streamed file are not
+    forked from this process (``clean_workers``).
     """
     streamed = workers > 0 and is_address(dataset.reader.path)
     return DataLoader(
@@ -152,8 +151,21 @@ def make_loader(dataset: SliceDataset, batch_size: int, train: bool, workers: in
         drop_last=train,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        multiprocessing_context="spawn" if streamed else None,
+        multiprocessing_context=clean_workers() if streamed else None,
     )
+
+
+def clean_workers() -> multiprocessing.context.BaseContext:
+    """Where a streamed file's workers start: a worker forked from this process shares its asyncio epoll instance
+    (fsspec's event loop), and when it drops its copy of the loop it unregisters this process's wake-up pipe, which
+    left the next request here waiting for a timer (60 s, measured). A fork server is a fresh process that imports
+    the loader once and forks the workers from itself (each starts in a fraction of a second); spawn where there is
+    none."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 class DeviceCache:
