@@ -108,6 +108,7 @@ bench: setup
 	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_integrity.py
+	$(PY) benchmarks/bench_remote.py
 
 clean:
 	rm -rf runs $(DEMO_DIR) $(DEMO_DATA) benchmarks/.cache
