@@ -20,7 +20,7 @@ import pytest
 import torch
 from ranged_server import Server, serving
 
-from conftest import FAST, builder_cli, one_error_line, trainer_cli
+from conftest import FAST, builder_cli, one_error_line, trainer_cli, writable_copy
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,19 @@ def server(small_artifact: Path) -> Iterator[Server]:
         state.truncated.add("cut.h5")
         state.no_ranges.add("noranges.h5")
         yield state
+
+
+#: The tiny run every run by address is held to (weights and metrics to the digit).
+FIT = ["-m", "t1n", *FAST, "--epochs", "1", "--max-steps", "2", "--keep-last"]
+
+
+@pytest.fixture(scope="module")
+def local_run(small_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``FIT`` on the local file, once; read-only (``writable_copy`` to write into it)."""
+    out = tmp_path_factory.mktemp("local")
+    result = trainer_cli("fit", small_artifact, *FIT, "--out", out)
+    assert result.exit_code == 0, result.output
+    return next(out.iterdir())
 
 
 @pytest.fixture
@@ -51,17 +64,15 @@ def _files(folder: Path) -> list[Path]:
 
 
 def test_info_fit_and_evaluate_from_an_address_equal_the_local_file(server: Server, small_artifact: Path,
-                                                                    cache: Path, tmp_path: Path) -> None:
+                                                                    local_run: Path, cache: Path,
+                                                                    tmp_path: Path) -> None:
     address = server.address("small.h5", _sha256(small_artifact))
     remote, local = builder_cli("info", address), builder_cli("info", small_artifact)
     assert remote.exit_code == 0 and local.exit_code == 0, remote.output
     assert remote.output.splitlines()[1:] == local.output.splitlines()[1:]  # all but the first line, the path
-    runs = {}
-    for name, data in (("remote", address), ("local", str(small_artifact))):
-        result = trainer_cli("fit", data, "-m", "t1n", *FAST, "--epochs", "1", "--max-steps", "2", "--out",
-                             tmp_path / name)
-        assert result.exit_code == 0, result.output
-        runs[name] = next((tmp_path / name).iterdir())
+    result = trainer_cli("fit", address, *FIT, "--out", tmp_path / "remote")
+    assert result.exit_code == 0, result.output
+    runs = {"remote": next((tmp_path / "remote").iterdir()), "local": writable_copy(local_run, tmp_path)}
     weights = {k: torch.load(r / "best.pt", weights_only=True)["model"] for k, r in runs.items()}
     assert weights["remote"].keys() == weights["local"].keys()
     assert all(torch.equal(weights["remote"][k], weights["local"][k]) for k in weights["local"])
@@ -175,17 +186,16 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "best.pt", weights_only=True)["model"]
 
 
-def test_a_streamed_run_equals_the_local_one_and_downloads_nothing(server: Server, small_artifact: Path, cache: Path,
+def test_a_streamed_run_equals_the_local_one_and_downloads_nothing(server: Server, small_artifact: Path,
+                                                                   local_run: Path, cache: Path,
                                                                    tmp_path: Path) -> None:
     """fit --stream with two DataLoader workers (each its own connection) trains the same weights as the local file
     with none; its run records the address, and evaluate and --resume stream it again; nothing enters the cache."""
     address = server.address("small.h5", _sha256(small_artifact))
-    args = ["-m", "t1n", *FAST, "--epochs", "1", "--max-steps", "2", "--keep-last"]
-    local = trainer_cli("fit", small_artifact, *args, "--out", tmp_path / "local")
     before = server.gets["small.h5"]
-    streamed = trainer_cli("fit", address, "--stream", *args, "--workers", "2", "--out", tmp_path / "streamed")
-    assert local.exit_code == 0 and streamed.exit_code == 0, streamed.output
-    runs = {name: next((tmp_path / name).iterdir()) for name in ("local", "streamed")}
+    streamed = trainer_cli("fit", address, "--stream", *FIT, "--workers", "2", "--out", tmp_path / "streamed")
+    assert streamed.exit_code == 0, streamed.output
+    runs = {"local": local_run, "streamed": next((tmp_path / "streamed").iterdir())}
     assert all(torch.equal(_weights(runs["streamed"])[k], v) for k, v in _weights(runs["local"]).items())
     assert server.gets["small.h5"] - before > 3  # range requests, from the main process and both workers
     config = json.loads((runs["streamed"] / "config.json").read_text())
