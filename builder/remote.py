@@ -155,7 +155,7 @@ def _download(filesystem: Any, remote_path: str, address: Address, expected: str
     except RemoteError:
         raise
     except FileNotFoundError:
-        raise RemoteError(f"{address.url}: not found there (404 or no such object); check the address") from None
+        raise _not_found(address.url) from None
     except Exception as error:  # noqa: BLE001  (a dropped connection, a timeout, a refused one: one line)
         raise _unreachable(address.url, error) from None
     finally:
@@ -182,6 +182,10 @@ def _callback(address: Address, progress: bool) -> Any:
         return NoOpCallback()
     return TqdmCallback(tqdm_kwargs={"desc": f"fetching {address.name}", "unit": "B", "unit_scale": True,
                                      "leave": False})
+
+
+def _not_found(url: str) -> RemoteError:
+    return RemoteError(f"{url}: not found there (404 or no such object); check the address")
 
 
 def _unreachable(url: str, error: Exception) -> RemoteError:
@@ -261,7 +265,7 @@ def remote_stamp(text: str) -> tuple[int, int, int, int]:
     try:
         info = filesystem.info(remote_path)
     except FileNotFoundError:
-        raise RemoteError(f"{address.url}: not found there (404 or no such object); check the address") from None
+        raise _not_found(address.url) from None
     except Exception as error:  # noqa: BLE001
         raise _unreachable(address.url, error) from None
     tag = next((str(info[k]) for k in ("ETag", "etag", "Content-MD5", "Digest", "LastModified") if info.get(k)), "")
@@ -289,7 +293,7 @@ def open_h5(location: str | Path, **options: Any) -> h5py.File:
         handle = StreamedFile(filesystem.open(remote_path, "rb", block_size=STREAM_BLOCK, cache_type="blockcache",
                                               cache_options={"maxblocks": STREAM_BLOCKS_KEPT}), address.url)
     except FileNotFoundError:
-        raise RemoteError(f"{address.url}: not found there (404 or no such object); check the address") from None
+        raise _not_found(address.url) from None
     except Exception as error:  # noqa: BLE001
         raise _unreachable(address.url, error) from None
     try:
@@ -366,7 +370,8 @@ def stream_option(command: Any) -> Any:
 
 class ArtifactFile(click.ParamType):
     """A DATA argument: a local .h5 path, or an address fetched into the cache (the command gets the local path;
-    ``pinned`` maps it back to the address, for runs to record)."""
+    ``pinned`` maps it back to the address, for runs to record), or with ``--stream`` the address itself, pinned to
+    its SHA-256 (``stream_address``)."""
 
     name = "FILE_OR_URL"
     #: local copy -> the address it was fetched from, pinned to its SHA-256 (per process: the command's arguments).

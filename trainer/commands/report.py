@@ -61,9 +61,9 @@ dt { font-weight: 600; } dd { margin: 0; overflow-wrap: anywhere; }
 
 @dataclass(frozen=True)
 class CaseViews:
-    """A case's three views through the tumour, as one PNG (rows: axial, coronal, sagittal; a column per panel), drawn
-    as the run's pictures are (``trainer.training.plots``: radiological orientation from the axis codes, the BraTS
-    label colours)."""
+    """A case's three views through the tumour, as one PNG (rows: axial, coronal, sagittal; a column per panel), with
+    the run's pictures' orientation and colours (``trainer.training.plots``: radiological orientation from the axis
+    codes, the BraTS label colours)."""
 
     case_id: str
     png: bytes
